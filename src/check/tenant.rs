@@ -1,0 +1,178 @@
+//! Which tenant a request belongs to (SPEC §3): from a request header, from the host, and from
+//! the route's `context_extensions`. Every source present must agree.
+//!
+//! Values are lowercased and must be DNS labels; anything else counts as no tenant from that
+//! source. Envoy joins a repeated header with commas, so a repeated tenant header is never a label.
+
+use crate::decision::Reason;
+
+/// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?` — checked on already-lowercased input.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    let ok = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= 63
+        && ok(&b[0])
+        && ok(&b[b.len() - 1])
+        && b.iter().all(|c| ok(c) || *c == b'-')
+}
+
+/// A lowercased tenant label, or `None` if the value is not a DNS label.
+pub fn normalize(value: &str) -> Option<String> {
+    let v = value.to_ascii_lowercase();
+    is_dns_label(&v).then_some(v)
+}
+
+/// A compiled `tenant.host` pattern such as `{tenant}.api.example.com`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    prefix: String,
+    suffix: String,
+}
+
+impl HostPattern {
+    pub fn parse(pattern: &str) -> Result<HostPattern, String> {
+        let p = pattern.to_ascii_lowercase();
+        let p = p.strip_suffix('.').unwrap_or(&p);
+        let Some((prefix, suffix)) = p.split_once("{tenant}") else {
+            return Err(format!("`{pattern}` has no {{tenant}} placeholder"));
+        };
+        if suffix.contains("{tenant}") {
+            return Err(format!("`{pattern}` has more than one {{tenant}} placeholder"));
+        }
+        let valid = |s: &str| {
+            s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+        };
+        if !valid(prefix) || !valid(suffix) {
+            return Err(format!(
+                "`{pattern}` may contain only a host name (letters, digits, `-`, `.`) around {{tenant}}; no port or scheme"
+            ));
+        }
+        if !(prefix.is_empty() || prefix.ends_with('.')) || !(suffix.is_empty() || suffix.starts_with('.')) {
+            return Err(format!("`{pattern}`: {{tenant}} must be a whole DNS label, separated by dots"));
+        }
+        Ok(HostPattern { prefix: prefix.to_string(), suffix: suffix.to_string() })
+    }
+
+    /// The tenant named by `host` (an `:authority` value: port, case and a trailing dot ignored).
+    pub fn tenant(&self, host: &str) -> Option<String> {
+        let host = strip_port(host)?;
+        let host = host.strip_suffix('.').unwrap_or(host);
+        if host.len() < self.prefix.len() + self.suffix.len() {
+            return None;
+        }
+        let (head, rest) = host.split_at_checked(self.prefix.len())?;
+        let (label, tail) = rest.split_at_checked(rest.len() - self.suffix.len())?;
+        if !head.eq_ignore_ascii_case(&self.prefix) || !tail.eq_ignore_ascii_case(&self.suffix) {
+            return None;
+        }
+        normalize(label)
+    }
+}
+
+/// `host[:port]` → `host`; IPv6 literals and garbage → `None` (an IP is never a tenant).
+fn strip_port(authority: &str) -> Option<&str> {
+    if authority.starts_with('[') {
+        return None;
+    }
+    match authority.rsplit_once(':') {
+        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => Some(h),
+        Some(_) => None,
+        None => Some(authority),
+    }
+}
+
+/// Where a tenant came from (for logs and `explain`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Header,
+    Host,
+    Route,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Header => "header",
+            Source::Host => "host",
+            Source::Route => "route",
+        }
+    }
+}
+
+/// Combines what each source found: all present must name the same tenant.
+pub fn resolve(found: &[(Source, Option<String>)]) -> Result<String, Reason> {
+    let mut tenant: Option<&String> = None;
+    for (_, t) in found {
+        if let Some(t) = t {
+            match tenant {
+                None => tenant = Some(t),
+                Some(prev) if prev != t => return Err(Reason::TenantMismatch),
+                Some(_) => {}
+            }
+        }
+    }
+    tenant.cloned().ok_or(Reason::MissingTenant)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        for ok in ["a", "acme", "a-b", "a1", "0", &"a".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a.b", "a_b", "Acme", "acme,acme", &"a".repeat(64), "ä", "a b"] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn header_values_are_lowercased_and_validated() {
+        assert_eq!(normalize("ACME").as_deref(), Some("acme"));
+        assert_eq!(normalize("acme,acme"), None);
+        assert_eq!(normalize(" acme"), None);
+        assert_eq!(normalize("../acme"), None);
+    }
+
+    #[test]
+    fn host_pattern_ignores_port_case_and_trailing_dot() {
+        let p = HostPattern::parse("{tenant}.api.example.com").unwrap();
+        assert_eq!(p.tenant("acme.api.example.com").as_deref(), Some("acme"));
+        assert_eq!(p.tenant("ACME.Api.Example.COM:8443").as_deref(), Some("acme"));
+        assert_eq!(p.tenant("acme.api.example.com.").as_deref(), Some("acme"));
+        assert_eq!(p.tenant("acme.api.example.com.:443").as_deref(), Some("acme"));
+        assert_eq!(p.tenant("api.example.com"), None);
+        assert_eq!(p.tenant(".api.example.com"), None);
+        assert_eq!(p.tenant("a.b.api.example.com"), None);
+        assert_eq!(p.tenant("acme.api.example.org"), None);
+        assert_eq!(p.tenant("acme.api.example.com:x"), None);
+        assert_eq!(p.tenant("[::1]:8080"), None);
+        assert_eq!(p.tenant("xn--bcher-kva.api.example.com").as_deref(), Some("xn--bcher-kva"));
+        assert_eq!(p.tenant("bücher.api.example.com"), None);
+    }
+
+    #[test]
+    fn host_pattern_in_the_middle_and_errors() {
+        let p = HostPattern::parse("api.{tenant}.example.com").unwrap();
+        assert_eq!(p.tenant("api.globex.example.com").as_deref(), Some("globex"));
+        assert!(HostPattern::parse("api.example.com").is_err());
+        assert!(HostPattern::parse("{tenant}.{tenant}.com").is_err());
+        assert!(HostPattern::parse("x{tenant}.example.com").is_err());
+        assert!(HostPattern::parse("{tenant}.example.com:8080").is_err());
+    }
+
+    #[test]
+    fn sources_must_agree() {
+        let s = |h: Option<&str>, o: Option<&str>| {
+            resolve(&[(Source::Header, h.map(String::from)), (Source::Host, o.map(String::from))])
+        };
+        assert_eq!(s(Some("acme"), None), Ok("acme".into()));
+        assert_eq!(s(None, Some("acme")), Ok("acme".into()));
+        assert_eq!(s(Some("acme"), Some("acme")), Ok("acme".into()));
+        assert_eq!(s(Some("acme"), Some("globex")), Err(Reason::TenantMismatch));
+        assert_eq!(s(None, None), Err(Reason::MissingTenant));
+    }
+}

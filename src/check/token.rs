@@ -1,0 +1,209 @@
+//! The bearer token front end: extracting it from `Authorization` and parsing the compact JWS
+//! (header, claims, signature) strictly. Everything here is pure and allocation-light; any
+//! surprise is `malformed_token`, decided before a key is looked up.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use crate::decision::Reason;
+
+/// The token of an `Authorization: Bearer <token>` value.
+///
+/// No header, another scheme or an empty token is `missing_token`; a token with characters a
+/// compact JWS cannot contain (a comma from a repeated header, spaces, `+/=`) is `malformed_token`.
+pub fn bearer(authorization: Option<&str>) -> Result<&str, Reason> {
+    let value = authorization.ok_or(Reason::MissingToken)?.trim_matches(|c| c == ' ' || c == '\t');
+    let (scheme, rest) = match value.split_once([' ', '\t']) {
+        Some(parts) => parts,
+        None => (value, ""),
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(Reason::MissingToken);
+    }
+    let token = rest.trim_start_matches([' ', '\t']);
+    if token.is_empty() {
+        return Err(Reason::MissingToken);
+    }
+    if !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+        return Err(Reason::MalformedToken);
+    }
+    Ok(token)
+}
+
+/// The JOSE header members subguard reads. `jku`, `x5u`, `jwk` and `x5c` are deliberately not
+/// here: keys named by the token are never fetched or trusted.
+#[derive(Debug, Deserialize)]
+pub struct Header {
+    pub alg: String,
+    pub kid: Option<String>,
+    crit: Option<IgnoredAny>,
+}
+
+/// `aud` is a string or an array of strings (RFC 7519 §4.1.3).
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    pub fn contains_any(&self, accepted: &[String]) -> bool {
+        match self {
+            Audience::One(a) => accepted.iter().any(|x| x == a),
+            Audience::Many(list) => list.iter().any(|a| accepted.iter().any(|x| x == a)),
+        }
+    }
+}
+
+/// The registered claims subguard reads. A claim of the wrong JSON type fails parsing (and so is
+/// `malformed_token`); `null` counts as absent. Times are JSON numbers (RFC 7519 NumericDate, which
+/// may have a fraction).
+#[derive(Debug, Deserialize)]
+pub struct Claims {
+    pub iss: Option<String>,
+    pub sub: Option<String>,
+    pub aud: Option<Audience>,
+    pub exp: Option<f64>,
+    pub nbf: Option<f64>,
+    pub iat: Option<f64>,
+    pub jti: Option<String>,
+}
+
+/// A parsed, not yet verified, compact JWS.
+#[derive(Debug)]
+pub struct Jws<'a> {
+    pub header: Header,
+    pub claims: Claims,
+    /// `base64url(header) . base64url(payload)`: what the signature covers.
+    pub signing_input: &'a str,
+    /// The base64url signature, as in the token.
+    pub signature: &'a str,
+}
+
+/// Parses a compact JWS (three base64url parts). JWE (five parts), padding, a `crit` header, a
+/// header or payload that is not a JSON object, and claims of the wrong type are all malformed.
+pub fn parse(token: &str) -> Result<Jws<'_>, Reason> {
+    let mut parts = token.splitn(4, '.');
+    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(Reason::MalformedToken);
+    };
+    if h.is_empty() || p.is_empty() || s.is_empty() {
+        return Err(Reason::MalformedToken);
+    }
+    let header: Header = decode_json(h)?;
+    if header.crit.is_some() {
+        return Err(Reason::MalformedToken);
+    }
+    let claims: Claims = decode_json(p)?;
+    // The signature must be valid base64url too; its length is checked by the verifier.
+    if URL_SAFE_NO_PAD.decode(s).is_err() {
+        return Err(Reason::MalformedToken);
+    }
+    Ok(Jws { header, claims, signing_input: &token[..h.len() + 1 + p.len()], signature: s })
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, Reason> {
+    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| Reason::MalformedToken)?;
+    // serde would also accept a JSON array for a struct; a JOSE header or claims set is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Reason::MalformedToken);
+    }
+    serde_json::from_slice(&bytes).map_err(|_| Reason::MalformedToken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        URL_SAFE_NO_PAD.encode(s)
+    }
+
+    fn token(header: &str, claims: &str) -> String {
+        format!("{}.{}.{}", b64(header), b64(claims), b64("sig"))
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer(Some("Bearer a.b.c")), Ok("a.b.c"));
+        assert_eq!(bearer(Some("bearer a.b.c")), Ok("a.b.c"));
+        assert_eq!(bearer(Some("BEARER   a.b.c  ")), Ok("a.b.c"));
+    }
+
+    #[test]
+    fn missing_and_malformed_bearer_values() {
+        assert_eq!(bearer(None), Err(Reason::MissingToken));
+        assert_eq!(bearer(Some("")), Err(Reason::MissingToken));
+        assert_eq!(bearer(Some("Bearer")), Err(Reason::MissingToken));
+        assert_eq!(bearer(Some("Bearer ")), Err(Reason::MissingToken));
+        assert_eq!(bearer(Some("Basic dXNlcjpwdw==")), Err(Reason::MissingToken));
+        assert_eq!(bearer(Some("Bearerx a.b.c")), Err(Reason::MissingToken));
+        // Envoy joins repeated headers with a comma.
+        assert_eq!(bearer(Some("Bearer a.b.c,Bearer d.e.f")), Err(Reason::MalformedToken));
+        assert_eq!(bearer(Some("Bearer a.b.c extra")), Err(Reason::MalformedToken));
+        assert_eq!(bearer(Some("Bearer a+b/c=")), Err(Reason::MalformedToken));
+    }
+
+    #[test]
+    fn parses_a_well_formed_token() {
+        let t = token(
+            r#"{"alg":"RS256","kid":"k1","typ":"JWT"}"#,
+            r#"{"iss":"i","sub":"s","aud":["a","b"],"exp":1.5,"iat":3}"#,
+        );
+        let jws = parse(&t).unwrap();
+        assert_eq!(jws.header.alg, "RS256");
+        assert_eq!(jws.header.kid.as_deref(), Some("k1"));
+        assert_eq!(jws.claims.aud, Some(Audience::Many(vec!["a".into(), "b".into()])));
+        assert_eq!(jws.claims.exp, Some(1.5));
+        assert!(t.starts_with(jws.signing_input) && t.ends_with(jws.signature));
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_compact_jws() {
+        let ok_h = r#"{"alg":"RS256"}"#;
+        let ok_c = r#"{"sub":"s"}"#;
+        let cases = [
+            format!("{}.{}", b64(ok_h), b64(ok_c)),
+            format!("{}.{}.{}.{}.{}", b64(ok_h), b64(ok_c), "a", "b", "c"),
+            format!("{}.{}.", b64(ok_h), b64(ok_c)),
+            format!("{}=.{}.c2ln", b64(ok_h), b64(ok_c)),
+            format!("!!.{}.c2ln", b64(ok_c)),
+            token(r#"{"alg":"RS256","crit":["b64"]}"#, ok_c),
+            token(r#"{"kid":"k"}"#, ok_c),
+            token(r#"{"alg":7}"#, ok_c),
+            token(r#"["alg"]"#, ok_c),
+            token(ok_h, r#"["sub"]"#),
+            token(ok_h, "not json"),
+            token(ok_h, r#"{"exp":"1700000000"}"#),
+            token(ok_h, r#"{"sub":42}"#),
+            token(ok_h, r#"{"aud":[1]}"#),
+            token(ok_h, r#"{"aud":{}}"#),
+            token(ok_h, r#"{"iss":["a"]}"#),
+            token(ok_h, r#"{"exp":1e999}"#),
+            token(r#"{"alg":"RS256","alg":"none"}"#, ok_c),
+        ];
+        for t in cases {
+            assert_eq!(parse(&t).err(), Some(Reason::MalformedToken), "{t}");
+        }
+    }
+
+    #[test]
+    fn null_claims_count_as_absent() {
+        let t = token(r#"{"alg":"RS256"}"#, r#"{"sub":null,"exp":null}"#);
+        let jws = parse(&t).unwrap();
+        assert_eq!(jws.claims.sub, None);
+        assert_eq!(jws.claims.exp, None);
+    }
+
+    #[test]
+    fn audience_matching() {
+        let acc = vec!["orders".to_string()];
+        assert!(Audience::One("orders".into()).contains_any(&acc));
+        assert!(!Audience::One("billing".into()).contains_any(&acc));
+        assert!(Audience::Many(vec!["x".into(), "orders".into()]).contains_any(&acc));
+        assert!(!Audience::Many(vec![]).contains_any(&acc));
+    }
+}

@@ -1,0 +1,648 @@
+//! Configuration: reads the YAML file once into the serde schema of [`raw`], then turns it into
+//! typed runtime values ([`Config`]): compiled host patterns, parsed keys, parsed users, resolved
+//! paths. Every problem found is reported with the YAML path it concerns, and all of them are
+//! reported at once, so `subguard validate` can list them one per line.
+//!
+//! This module reads files (the config, key files, users files) but never touches the network:
+//! what it accepts is exactly what `validate` can check offline.
+
+pub mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::check::tenant::{HostPattern, is_dns_label};
+use crate::directory::file::UsersFile;
+use crate::keys::{KeySet, url_is_allowed};
+
+/// One configuration problem: where (a YAML path such as `tenants.acme.issuers[0].jwks_file`)
+/// and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { path: path.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Where the gRPC listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub grpc: ListenAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+/// Where a request's tenant comes from (besides a route's `context_extensions`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantSources {
+    /// Lowercased request header name.
+    pub header: Option<String>,
+    pub host: Option<HostPattern>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenSettings {
+    pub max_bytes: usize,
+    pub leeway_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySettings {
+    pub refresh: Duration,
+    pub min_refetch: Duration,
+    pub fetch_timeout: Duration,
+}
+
+/// Headers set on allowed requests (all lowercase).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub tenant_header: String,
+    pub user_header: String,
+    pub roles_header: String,
+    pub strip_authorization: bool,
+}
+
+/// Where an issuer's verification keys come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A JWKS on disk; parsed at load time (so `validate` checks it), re-read on an unknown `kid`.
+    File { path: PathBuf, initial: Arc<KeySet> },
+    /// A JWKS over HTTP(S).
+    Uri(String),
+    /// OIDC discovery from the issuer URL.
+    Discovery,
+}
+
+impl KeySource {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KeySource::File { .. } => "file",
+            KeySource::Uri(_) => "uri",
+            KeySource::Discovery => "discovery",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub keys: KeySource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSettings {
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+    pub stale_if_error: Duration,
+    pub max_entries: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(300),
+            max_entries: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum DirectoryKind {
+    /// The users file, held in memory.
+    File { path: PathBuf, users: Arc<UsersFile> },
+}
+
+#[derive(Debug, Clone)]
+pub struct DirectoryConfig {
+    pub kind: DirectoryKind,
+    pub cache: CacheSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub issuers: Vec<IssuerConfig>,
+    pub directory: DirectoryConfig,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file, as given.
+    pub path: PathBuf,
+    pub listen: Listen,
+    pub tenant_sources: TenantSources,
+    pub token: TokenSettings,
+    pub keys: KeySettings,
+    pub shutdown_grace: Duration,
+    pub forward: Forward,
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// Parses a JWS `alg` name into one of the supported public-key algorithms.
+///
+/// HMAC is deliberately absent: a shared secret cannot be published in a JWKS, and accepting HS*
+/// next to public keys is the classic key-confusion hole. `none` is absent for the obvious reason.
+pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
+    match name {
+        "RS256" => Some(Algorithm::RS256),
+        "RS384" => Some(Algorithm::RS384),
+        "RS512" => Some(Algorithm::RS512),
+        "PS256" => Some(Algorithm::PS256),
+        "PS384" => Some(Algorithm::PS384),
+        "PS512" => Some(Algorithm::PS512),
+        "ES256" => Some(Algorithm::ES256),
+        "ES384" => Some(Algorithm::ES384),
+        "EdDSA" => Some(Algorithm::EdDSA),
+        _ => None,
+    }
+}
+
+/// Reads and validates the config file at `path`, with every file it names.
+pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError::new("", format!("cannot read config file {}: {e}", path.display()))]
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    from_yaml(&text, path, &base)
+}
+
+/// Validates config text; relative paths resolve against `base`.
+pub fn from_yaml(text: &str, path: &Path, base: &Path) -> Result<Config, Vec<ConfigError>> {
+    let doc: Value =
+        serde_saphyr::from_str(text).map_err(|e| vec![ConfigError::new("", format!("invalid YAML: {e}"))])?;
+    Loader { base: base.to_path_buf(), errors: Vec::new() }.load(doc, path)
+}
+
+struct Loader {
+    base: PathBuf,
+    errors: Vec<ConfigError>,
+}
+
+const TOP_LEVEL_KEYS: [&str; 10] = [
+    "listen",
+    "tenant",
+    "token",
+    "keys",
+    "shutdown_grace_seconds",
+    "directory",
+    "forward",
+    "tenants",
+    "revocation",
+    "users",
+];
+
+impl Loader {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(path, message));
+    }
+
+    /// Deserializes one section, recording a path-qualified error on failure.
+    fn section<T: DeserializeOwned>(&mut self, prefix: &str, value: Value) -> Option<T> {
+        deserialize_at(prefix, value).map_err(|e| self.errors.push(e)).ok()
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
+    }
+
+    fn load(mut self, doc: Value, path: &Path) -> Result<Config, Vec<ConfigError>> {
+        let mut top = match doc {
+            Value::Object(m) => m,
+            Value::Null => {
+                return Err(vec![ConfigError::new("", "the config file is empty")]);
+            }
+            _ => return Err(vec![ConfigError::new("", "the config must be a YAML mapping")]),
+        };
+        let keys: Vec<String> = top.keys().cloned().collect();
+        for k in keys {
+            if !TOP_LEVEL_KEYS.contains(&k.as_str()) || k == "users" {
+                self.err(
+                    k.clone(),
+                    format!("unknown key `{k}`, expected one of {}", TOP_LEVEL_KEYS[..9].join(", ")),
+                );
+            }
+        }
+        let mut take = |k: &str| top.remove(k).filter(|v| !v.is_null());
+
+        let listen_raw: raw::Listen =
+            take("listen").and_then(|v| self.section("listen", v)).unwrap_or_default();
+        // `None` when the section is present but unreadable (already reported).
+        let tenant_raw: Option<raw::TenantSource> = match take("tenant") {
+            Some(v) => self.section("tenant", v),
+            None => Some(raw::TenantSource::default()),
+        };
+        let token_raw: raw::Token = take("token").and_then(|v| self.section("token", v)).unwrap_or_default();
+        let keys_raw: raw::Keys = take("keys").and_then(|v| self.section("keys", v)).unwrap_or_default();
+        let grace: u64 = take("shutdown_grace_seconds")
+            .and_then(|v| self.section("shutdown_grace_seconds", v))
+            .unwrap_or(10);
+        let forward_raw: raw::Forward =
+            take("forward").and_then(|v| self.section("forward", v)).unwrap_or_default();
+        let default_dir_raw: Option<raw::Directory> =
+            take("directory").and_then(|v| self.section("directory", v));
+        if let Some(v) = take("revocation")
+            && self.section::<raw::Revocation>("revocation", v).is_some()
+        {
+            self.err("revocation", "Redis revocation is not available in this version of subguard");
+        }
+        let tenants_raw = take("tenants");
+
+        let listen = self.listen(listen_raw);
+        let tenant_sources = match tenant_raw {
+            Some(t) => self.tenant_sources(t),
+            None => TenantSources { header: None, host: None },
+        };
+        if token_raw.max_bytes == 0 {
+            self.err("token.max_bytes", "must be greater than 0");
+        }
+        let token =
+            TokenSettings { max_bytes: token_raw.max_bytes, leeway_seconds: token_raw.leeway_seconds };
+        if keys_raw.refresh_seconds == 0 {
+            self.err("keys.refresh_seconds", "must be greater than 0");
+        }
+        if keys_raw.fetch_timeout_ms == 0 {
+            self.err("keys.fetch_timeout_ms", "must be greater than 0");
+        }
+        let keys = KeySettings {
+            refresh: Duration::from_secs(keys_raw.refresh_seconds.max(1)),
+            min_refetch: Duration::from_secs(keys_raw.min_refetch_seconds),
+            fetch_timeout: Duration::from_millis(keys_raw.fetch_timeout_ms.max(1)),
+        };
+        let forward = self.forward(forward_raw);
+
+        let mut users_cache: BTreeMap<PathBuf, Option<Arc<UsersFile>>> = BTreeMap::new();
+        let default_dir = default_dir_raw.map(|d| self.directory("directory", &d, None, &mut users_cache));
+
+        let mut tenants = BTreeMap::new();
+        match tenants_raw {
+            None => self.err("tenants", "at least one tenant must be configured"),
+            Some(Value::Object(map)) => {
+                if map.is_empty() {
+                    self.err("tenants", "at least one tenant must be configured");
+                }
+                for (name, v) in map {
+                    let p = format!("tenants.{name}");
+                    if !is_dns_label(&name) {
+                        self.err(
+                            p.clone(),
+                            "a tenant name must be a lowercase DNS label ([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)",
+                        );
+                    }
+                    let Some(t) = self.section::<raw::Tenant>(&p, v) else { continue };
+                    if let Some(tc) = self.tenant(&p, t, default_dir.as_ref(), &mut users_cache) {
+                        tenants.insert(name, tc);
+                    }
+                }
+            }
+            Some(_) => self.err("tenants", "must be a mapping of tenant name to settings"),
+        }
+
+        if self.errors.is_empty() {
+            Ok(Config {
+                path: path.to_path_buf(),
+                listen,
+                tenant_sources,
+                token,
+                keys,
+                shutdown_grace: Duration::from_secs(grace),
+                forward,
+                tenants,
+            })
+        } else {
+            Err(self.errors)
+        }
+    }
+
+    fn listen(&mut self, raw: raw::Listen) -> Listen {
+        let grpc_text = raw.grpc.unwrap_or_else(|| "127.0.0.1:9191".into());
+        let grpc = if let Some(p) = grpc_text.strip_prefix("unix://") {
+            if !p.starts_with('/') {
+                self.err("listen.grpc", "a unix socket needs an absolute path: unix:///path/to.sock");
+            }
+            ListenAddr::Unix(PathBuf::from(p))
+        } else {
+            match grpc_text.parse::<SocketAddr>() {
+                Ok(a) => ListenAddr::Tcp(a),
+                Err(_) => {
+                    self.err("listen.grpc", format!("`{grpc_text}` is neither ip:port nor unix:///path"));
+                    ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 9191)))
+                }
+            }
+        };
+        let admin_text = raw.admin.unwrap_or_else(|| "127.0.0.1:9192".into());
+        let admin = if admin_text.is_empty() || admin_text == "off" {
+            None
+        } else {
+            match admin_text.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.err("listen.admin", format!("`{admin_text}` is not ip:port"));
+                    None
+                }
+            }
+        };
+        Listen { grpc, admin }
+    }
+
+    fn tenant_sources(&mut self, raw: raw::TenantSource) -> TenantSources {
+        let header = raw.header.map(|h| {
+            let h = h.to_ascii_lowercase();
+            if !is_header_name(&h) {
+                self.err("tenant.header", format!("`{h}` is not a valid HTTP header name"));
+            }
+            h
+        });
+        let host = raw.host.and_then(|h| match HostPattern::parse(&h) {
+            Ok(p) => Some(p),
+            Err(msg) => {
+                self.err("tenant.host", msg);
+                None
+            }
+        });
+        if header.is_none() && host.is_none() {
+            self.err("tenant", "set at least one of `header` and `host`");
+        }
+        TenantSources { header, host }
+    }
+
+    fn forward(&mut self, raw: raw::Forward) -> Forward {
+        let mut name = |field: &str, v: String| {
+            let v = v.to_ascii_lowercase();
+            if !is_header_name(&v) || v.starts_with(':') {
+                self.err(format!("forward.{field}"), format!("`{v}` is not a valid HTTP header name"));
+            }
+            if v == "authorization" || v == "host" {
+                self.err(format!("forward.{field}"), format!("`{v}` cannot carry identity"));
+            }
+            v
+        };
+        let f = Forward {
+            tenant_header: name("tenant_header", raw.tenant_header),
+            user_header: name("user_header", raw.user_header),
+            roles_header: name("roles_header", raw.roles_header),
+            strip_authorization: raw.strip_authorization,
+        };
+        if f.tenant_header == f.user_header
+            || f.tenant_header == f.roles_header
+            || f.user_header == f.roles_header
+        {
+            self.err("forward", "tenant_header, user_header and roles_header must differ");
+        }
+        f
+    }
+
+    fn directory(
+        &mut self,
+        p: &str,
+        raw: &raw::Directory,
+        defaults: Option<&CacheSettings>,
+        users_cache: &mut BTreeMap<PathBuf, Option<Arc<UsersFile>>>,
+    ) -> Option<DirectoryConfig> {
+        let base = defaults.copied().unwrap_or_default();
+        let cache = match &raw.cache {
+            None => base,
+            Some(c) => {
+                let cache = CacheSettings {
+                    ttl: c.ttl_seconds.map(Duration::from_secs).unwrap_or(base.ttl),
+                    negative_ttl: c
+                        .negative_ttl_seconds
+                        .map(Duration::from_secs)
+                        .unwrap_or(base.negative_ttl),
+                    stale_if_error: c
+                        .stale_if_error_seconds
+                        .map(Duration::from_secs)
+                        .unwrap_or(base.stale_if_error),
+                    max_entries: c.max_entries.unwrap_or(base.max_entries),
+                };
+                if cache.max_entries == 0 {
+                    self.err(format!("{p}.cache.max_entries"), "must be greater than 0");
+                }
+                cache
+            }
+        };
+        match raw.kind.as_str() {
+            "file" => {
+                for (field, set) in [("url", raw.url.is_some()), ("timeout_ms", raw.timeout_ms.is_some())] {
+                    if set {
+                        self.err(format!("{p}.{field}"), "not used by `kind: file`");
+                    }
+                }
+                let Some(file) = raw.path.as_deref() else {
+                    self.err(format!("{p}.path"), "`kind: file` needs the users file path");
+                    return None;
+                };
+                let full = self.resolve(file);
+                let users = match users_cache.get(&full) {
+                    Some(cached) => cached.clone(),
+                    None => {
+                        let parsed = match UsersFile::load(&full) {
+                            Ok(u) => Some(Arc::new(u)),
+                            Err(errs) => {
+                                for e in errs {
+                                    let at = if e.path.is_empty() {
+                                        format!("{p}.path")
+                                    } else {
+                                        format!("{p}.path ({file}: {})", e.path)
+                                    };
+                                    self.err(at, e.message);
+                                }
+                                None
+                            }
+                        };
+                        users_cache.insert(full.clone(), parsed.clone());
+                        parsed
+                    }
+                }?;
+                Some(DirectoryConfig { kind: DirectoryKind::File { path: full, users }, cache })
+            }
+            "http" | "scim" => {
+                self.err(
+                    format!("{p}.kind"),
+                    format!(
+                        "`{}` directories are not available in this version of subguard (use `file`)",
+                        raw.kind
+                    ),
+                );
+                None
+            }
+            other => {
+                self.err(format!("{p}.kind"), format!("unknown kind `{other}`, expected file, http or scim"));
+                None
+            }
+        }
+    }
+
+    fn tenant(
+        &mut self,
+        p: &str,
+        raw: raw::Tenant,
+        default_dir: Option<&Option<DirectoryConfig>>,
+        users_cache: &mut BTreeMap<PathBuf, Option<Arc<UsersFile>>>,
+    ) -> Option<TenantConfig> {
+        if raw.issuers.is_empty() {
+            self.err(format!("{p}.issuers"), "at least one issuer must be configured");
+        }
+        let mut issuers = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, iss) in raw.issuers.into_iter().enumerate() {
+            let ip = format!("{p}.issuers[{i}]");
+            if !seen.insert(iss.issuer.clone()) {
+                self.err(format!("{ip}.issuer"), "the same issuer is listed twice for this tenant");
+            }
+            if let Some(ic) = self.issuer(&ip, iss) {
+                issuers.push(ic);
+            }
+        }
+        let directory = match (&raw.directory, default_dir) {
+            (Some(d), defaults) => {
+                let default_cache = defaults.and_then(|d| d.as_ref()).map(|d| d.cache);
+                self.directory(&format!("{p}.directory"), d, default_cache.as_ref(), users_cache)
+            }
+            (None, Some(d)) => d.clone(),
+            (None, None) => {
+                self.err(
+                    format!("{p}.directory"),
+                    "no directory: set `directory` at the top level or for this tenant",
+                );
+                None
+            }
+        }?;
+        Some(TenantConfig { issuers, directory })
+    }
+
+    fn issuer(&mut self, ip: &str, raw: raw::Issuer) -> Option<IssuerConfig> {
+        let before = self.errors.len();
+        if raw.issuer.is_empty() {
+            self.err(format!("{ip}.issuer"), "must not be empty");
+        }
+        if raw.audiences.is_empty() || raw.audiences.iter().any(String::is_empty) {
+            self.err(format!("{ip}.audiences"), "list at least one non-empty audience");
+        }
+        let mut algorithms = Vec::new();
+        let names = raw.algorithms.unwrap_or_else(|| vec!["RS256".into()]);
+        if names.is_empty() {
+            self.err(format!("{ip}.algorithms"), "list at least one algorithm");
+        }
+        for (j, name) in names.iter().enumerate() {
+            match parse_algorithm(name) {
+                Some(a) => algorithms.push(a),
+                None if name.starts_with("HS") => self.err(
+                    format!("{ip}.algorithms[{j}]"),
+                    format!("`{name}` needs a shared secret; subguard verifies public-key algorithms only (RS*, PS*, ES256, ES384, EdDSA)"),
+                ),
+                None => self.err(
+                    format!("{ip}.algorithms[{j}]"),
+                    format!("unsupported algorithm `{name}`, expected one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"),
+                ),
+            }
+        }
+        let sources =
+            [raw.jwks_file.is_some(), raw.jwks_uri.is_some(), raw.discovery].iter().filter(|s| **s).count();
+        if sources != 1 {
+            self.err(ip.to_string(), "set exactly one of `jwks_file`, `jwks_uri` and `discovery: true`");
+            return None;
+        }
+        let keys = if let Some(file) = raw.jwks_file {
+            let path = self.resolve(&file);
+            match std::fs::read(&path) {
+                Err(e) => {
+                    self.err(format!("{ip}.jwks_file"), format!("{}: {file}", io_reason(&e)));
+                    return None;
+                }
+                Ok(bytes) => match KeySet::from_jwks(&bytes) {
+                    Ok(set) => KeySource::File { path, initial: Arc::new(set) },
+                    Err(e) => {
+                        self.err(format!("{ip}.jwks_file"), format!("{}: {e}", path.display()));
+                        return None;
+                    }
+                },
+            }
+        } else if let Some(uri) = raw.jwks_uri {
+            if let Err(msg) = url_is_allowed(&uri) {
+                self.err(format!("{ip}.jwks_uri"), msg);
+            }
+            KeySource::Uri(uri)
+        } else {
+            if let Err(msg) = url_is_allowed(&raw.issuer) {
+                self.err(format!("{ip}.issuer"), format!("discovery needs an issuer URL: {msg}"));
+            }
+            KeySource::Discovery
+        };
+        (self.errors.len() == before).then_some(IssuerConfig {
+            issuer: raw.issuer,
+            audiences: raw.audiences,
+            algorithms,
+            keys,
+        })
+    }
+}
+
+/// Deserializes `value`, naming the failing YAML path (below `prefix`) in the error.
+pub(crate) fn deserialize_at<T: DeserializeOwned>(prefix: &str, value: Value) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = match inner.as_str() {
+            "." => prefix.to_string(),
+            p if prefix.is_empty() => p.to_string(),
+            p if p.starts_with('[') => format!("{prefix}{p}"),
+            p => format!("{prefix}.{p}"),
+        };
+        ConfigError::new(path, e.into_inner().to_string())
+    })
+}
+
+pub(crate) fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn is_header_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b))
+}

@@ -1,0 +1,124 @@
+//! The YAML schema exactly as users write it (SPEC §2): plain serde structs, unknown keys refused.
+//!
+//! Nothing here is validated beyond types; `config::load` turns these into typed runtime values.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub grpc: Option<String>,
+    pub admin: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSource {
+    pub header: Option<String>,
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Token {
+    pub max_bytes: usize,
+    pub leeway_seconds: u64,
+}
+
+impl Default for Token {
+    fn default() -> Self {
+        Token { max_bytes: 8192, leeway_seconds: 60 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Keys {
+    pub refresh_seconds: u64,
+    pub min_refetch_seconds: u64,
+    /// Timeout of one JWKS or discovery request.
+    pub fetch_timeout_ms: u64,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys { refresh_seconds: 300, min_refetch_seconds: 10, fetch_timeout_ms: 5000 }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    pub ttl_seconds: Option<u64>,
+    pub negative_ttl_seconds: Option<u64>,
+    pub stale_if_error_seconds: Option<u64>,
+    pub max_entries: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Directory {
+    pub kind: String,
+    pub path: Option<String>,
+    pub url: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub cache: Option<Cache>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Forward {
+    pub tenant_header: String,
+    pub user_header: String,
+    pub roles_header: String,
+    pub strip_authorization: bool,
+}
+
+impl Default for Forward {
+    fn default() -> Self {
+        Forward {
+            tenant_header: "x-tenant-id".into(),
+            user_header: "x-user-id".into(),
+            roles_header: "x-user-roles".into(),
+            strip_authorization: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tenant {
+    pub issuers: Vec<Issuer>,
+    pub directory: Option<Directory>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Issuer {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub algorithms: Option<Vec<String>>,
+    pub jwks_file: Option<String>,
+    pub jwks_uri: Option<String>,
+    #[serde(default)]
+    pub discovery: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revocation {
+    pub redis_url: String,
+}
+
+/// One user of the users file (`directory.kind: file`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUser {
+    pub sub: String,
+    pub id: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub disabled: bool,
+    pub tokens_valid_after: Option<i64>,
+}

@@ -1,0 +1,522 @@
+//! Issuer verification keys: parsing JWKS documents into [`KeySet`]s, fetching them from their
+//! [`KeySource`] (a file, a `jwks_uri`, OIDC discovery), and keeping them fresh in a [`KeyStore`].
+//!
+//! Readers on the request path only ever `load()` the current set from an `ArcSwap`; fetching
+//! happens in background refresh tasks, or — rate-limited and coalesced — when a token names a
+//! `kid` the current set does not have. A failed fetch never replaces the last good set.
+//!
+//! Key material named by the token itself (`jku`, `x5u`, `jwk`, `x5c`) is never looked at here.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::Deserialize;
+
+use crate::config::{KeySettings, KeySource};
+
+/// Largest JWKS or discovery document accepted from the network.
+pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+/// RSA keys shorter than this are refused (NIST SP 800-131A).
+pub const MIN_RSA_BITS: usize = 2048;
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("not a JWKS document: {0}")]
+    NotJwks(String),
+    #[error("the JWKS has no usable signing key{0}")]
+    NoUsableKeys(String),
+    #[error("cannot read the key file: {0}")]
+    Io(String),
+    #[error("fetching {url} failed: {reason}")]
+    Fetch { url: String, reason: String },
+    #[error("discovery document of {issuer} names issuer `{found}`")]
+    IssuerMismatch { issuer: String, found: String },
+    #[error("{0}")]
+    Url(String),
+}
+
+/// The kind of public key, which decides the algorithms it may verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Rsa,
+    EcP256,
+    EcP384,
+    Ed25519,
+}
+
+impl KeyKind {
+    /// Whether a key of this kind may verify `alg` (SPEC §3: the algorithm is checked against the
+    /// found key's type).
+    pub fn fits(self, alg: Algorithm) -> bool {
+        use Algorithm::*;
+        match self {
+            KeyKind::Rsa => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
+            KeyKind::EcP256 => alg == ES256,
+            KeyKind::EcP384 => alg == ES384,
+            KeyKind::Ed25519 => alg == EdDSA,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyKind::Rsa => "RSA",
+            KeyKind::EcP256 => "EC P-256",
+            KeyKind::EcP384 => "EC P-384",
+            KeyKind::Ed25519 => "OKP Ed25519",
+        }
+    }
+}
+
+/// One verification key.
+pub struct VerifyingKey {
+    pub kid: Option<String>,
+    pub kind: KeyKind,
+    /// The JWK's own `alg`, when it pins one.
+    pub alg: Option<Algorithm>,
+    pub key: DecodingKey,
+}
+
+impl VerifyingKey {
+    /// Whether this key may verify a token signed with `alg`.
+    pub fn accepts(&self, alg: Algorithm) -> bool {
+        self.kind.fits(alg) && self.alg.is_none_or(|a| a == alg)
+    }
+}
+
+impl std::fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyingKey")
+            .field("kid", &self.kid)
+            .field("kind", &self.kind)
+            .field("alg", &self.alg)
+            .finish()
+    }
+}
+
+/// The usable keys of one JWKS document.
+#[derive(Debug)]
+pub struct KeySet {
+    pub keys: Vec<VerifyingKey>,
+    /// Keys that were left out, and why (for logs and `explain`).
+    pub skipped: Vec<String>,
+    pub fetched_at: SystemTime,
+}
+
+/// The members of a JWK subguard reads; everything else is ignored.
+#[derive(Deserialize)]
+struct RawJwk {
+    kty: Option<String>,
+    kid: Option<String>,
+    #[serde(rename = "use")]
+    use_: Option<String>,
+    alg: Option<String>,
+    crv: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
+    x: Option<String>,
+    y: Option<String>,
+}
+
+/// What a key lookup for one token found.
+pub enum KeyMatch<'a> {
+    /// Keys that may verify the token (one for a `kid` match; the fitting keys for a token without
+    /// `kid`).
+    Candidates(Vec<&'a VerifyingKey>),
+    /// The `kid` exists but its key cannot verify this algorithm.
+    WrongType(&'a VerifyingKey),
+    /// No key has this `kid` (or, without `kid`, none fits the algorithm).
+    NotFound,
+}
+
+impl KeySet {
+    /// Parses a JWKS document. Keys that cannot be used for signature verification (encryption
+    /// keys, symmetric keys, unknown types, short RSA keys) are skipped and listed in `skipped`;
+    /// a document with no usable key at all is an error.
+    pub fn from_jwks(bytes: &[u8]) -> Result<KeySet, KeyError> {
+        #[derive(Deserialize)]
+        struct Doc {
+            keys: Vec<serde_json::Value>,
+        }
+        let doc: Doc = serde_json::from_slice(bytes).map_err(|e| KeyError::NotJwks(e.to_string()))?;
+        let mut keys = Vec::new();
+        let mut skipped = Vec::new();
+        for (i, v) in doc.keys.into_iter().enumerate() {
+            match parse_jwk(v) {
+                Ok(k) => keys.push(k),
+                Err(why) => skipped.push(format!("keys[{i}]: {why}")),
+            }
+        }
+        if keys.is_empty() {
+            let detail =
+                if skipped.is_empty() { String::new() } else { format!(" ({})", skipped.join("; ")) };
+            return Err(KeyError::NoUsableKeys(detail));
+        }
+        Ok(KeySet { keys, skipped, fetched_at: SystemTime::now() })
+    }
+
+    /// Finds the keys that may verify a token with this `kid` and `alg`.
+    pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> KeyMatch<'_> {
+        match kid {
+            Some(kid) => match self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)) {
+                Some(k) if k.accepts(alg) => KeyMatch::Candidates(vec![k]),
+                Some(k) => KeyMatch::WrongType(k),
+                None => KeyMatch::NotFound,
+            },
+            None => {
+                let fitting: Vec<_> = self.keys.iter().filter(|k| k.accepts(alg)).collect();
+                if fitting.is_empty() { KeyMatch::NotFound } else { KeyMatch::Candidates(fitting) }
+            }
+        }
+    }
+}
+
+fn b64_len(s: &str) -> Result<usize, String> {
+    URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .map(|b| b.iter().skip_while(|&&x| x == 0).count())
+        .map_err(|_| "a key member is not base64url".to_string())
+}
+
+fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
+    let jwk: RawJwk = serde_json::from_value(v).map_err(|e| format!("not a JWK: {e}"))?;
+    if let Some(u) = &jwk.use_
+        && u != "sig"
+    {
+        return Err(format!("use is `{u}`, not `sig`"));
+    }
+    let alg = match jwk.alg.as_deref() {
+        None => None,
+        Some(a) => Some(crate::config::parse_algorithm(a).ok_or_else(|| format!("unsupported alg `{a}`"))?),
+    };
+    let need = |m: &Option<String>, name: &str| -> Result<String, String> {
+        m.clone().ok_or_else(|| format!("missing `{name}`"))
+    };
+    let bad = |e: jsonwebtoken::errors::Error| format!("invalid key: {e}");
+    let (kind, key) = match jwk.kty.as_deref() {
+        Some("RSA") => {
+            let n = need(&jwk.n, "n")?;
+            let e = need(&jwk.e, "e")?;
+            let bits = b64_len(&n)? * 8;
+            if bits < MIN_RSA_BITS {
+                return Err(format!("RSA key of {bits} bits is shorter than {MIN_RSA_BITS}"));
+            }
+            (KeyKind::Rsa, DecodingKey::from_rsa_components(&n, &e).map_err(bad)?)
+        }
+        Some("EC") => {
+            let kind = match jwk.crv.as_deref() {
+                Some("P-256") => KeyKind::EcP256,
+                Some("P-384") => KeyKind::EcP384,
+                other => return Err(format!("unsupported EC curve {other:?}")),
+            };
+            let x = need(&jwk.x, "x")?;
+            let y = need(&jwk.y, "y")?;
+            let expected = if kind == KeyKind::EcP256 { 32 } else { 48 };
+            if URL_SAFE_NO_PAD.decode(&x).map(|b| b.len()) != Ok(expected)
+                || URL_SAFE_NO_PAD.decode(&y).map(|b| b.len()) != Ok(expected)
+            {
+                return Err("EC coordinates do not fit the curve".into());
+            }
+            (kind, DecodingKey::from_ec_components(&x, &y).map_err(bad)?)
+        }
+        Some("OKP") => {
+            if jwk.crv.as_deref() != Some("Ed25519") {
+                return Err(format!("unsupported OKP curve {:?}", jwk.crv));
+            }
+            let x = need(&jwk.x, "x")?;
+            if URL_SAFE_NO_PAD.decode(&x).map(|b| b.len()) != Ok(32) {
+                return Err("Ed25519 key is not 32 bytes".into());
+            }
+            (KeyKind::Ed25519, DecodingKey::from_ed_components(&x).map_err(bad)?)
+        }
+        Some("oct") => return Err("symmetric keys are never used".into()),
+        other => return Err(format!("unsupported kty {other:?}")),
+    };
+    if let Some(a) = alg
+        && !kind.fits(a)
+    {
+        return Err(format!("alg {a:?} does not fit a {} key", kind.name()));
+    }
+    Ok(VerifyingKey { kid: jwk.kid, kind, alg, key })
+}
+
+/// Key URLs must be `https`, except loopback addresses, which may use `http` (local setups and
+/// tests). Anything else would let a network attacker substitute keys.
+pub fn url_is_allowed(url: &str) -> Result<(), String> {
+    let u = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    match u.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let loopback = match u.host() {
+                Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            };
+            if loopback {
+                Ok(())
+            } else {
+                Err(format!("`{url}` must use https (http is allowed for loopback addresses only)"))
+            }
+        }
+        s => Err(format!("`{url}` has scheme `{s}`; key URLs must use https")),
+    }
+}
+
+/// The keys of one issuer, kept fresh.
+pub struct KeyStore {
+    issuer: Arc<str>,
+    source: KeySource,
+    settings: KeySettings,
+    client: reqwest::Client,
+    current: ArcSwapOption<KeySet>,
+    /// When the last on-demand (unknown `kid`) fetch started; the lock also coalesces concurrent
+    /// misses into one fetch. Held across the fetch, but only ever on the miss path.
+    last_refetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Where the keys last came from (a JWKS URL after discovery), for logs and `explain`.
+    resolved_from: ArcSwapOption<String>,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore").field("issuer", &self.issuer).field("source", &self.source.kind()).finish()
+    }
+}
+
+impl KeyStore {
+    pub fn new(issuer: Arc<str>, source: KeySource, settings: KeySettings, client: reqwest::Client) -> Self {
+        let initial = match &source {
+            KeySource::File { initial, .. } => Some(initial.clone()),
+            _ => None,
+        };
+        KeyStore {
+            issuer,
+            source,
+            settings,
+            client,
+            current: ArcSwapOption::new(initial),
+            last_refetch: tokio::sync::Mutex::new(None),
+            resolved_from: ArcSwapOption::empty(),
+        }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub fn source(&self) -> &KeySource {
+        &self.source
+    }
+
+    /// The current keys, if any were ever loaded. Lock-free.
+    pub fn current(&self) -> Option<Arc<KeySet>> {
+        self.current.load_full()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.current.load().is_some()
+    }
+
+    /// Where the keys were last fetched from (a file path or URL).
+    pub fn resolved_from(&self) -> Option<Arc<String>> {
+        self.resolved_from.load_full()
+    }
+
+    /// Fetches the keys now and installs them; on failure the last good keys stay.
+    pub async fn refresh(&self) -> Result<Arc<KeySet>, KeyError> {
+        let result = self.fetch().await;
+        match &result {
+            Ok(set) => {
+                for s in &set.skipped {
+                    tracing::warn!(issuer = %self.issuer, skipped = %s, "jwks key skipped");
+                }
+                tracing::debug!(issuer = %self.issuer, keys = set.keys.len(), "jwks loaded");
+                self.current.store(Some(set.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %self.issuer, error = %e, kept_last_good = self.is_ready(), "jwks fetch failed");
+            }
+        }
+        result
+    }
+
+    /// Called when a token names a key the current set lacks: fetches again unless a fetch started
+    /// less than `min_refetch` ago. Concurrent callers share one fetch. Returns whether the keys
+    /// may have changed since the caller looked.
+    pub async fn refetch_on_miss(&self, seen: Option<&Arc<KeySet>>) -> bool {
+        let mut last = self.last_refetch.lock().await;
+        // Someone else refreshed while we waited for the lock: look again before fetching.
+        let now_set = self.current.load_full();
+        if !same_set(now_set.as_ref(), seen) {
+            return true;
+        }
+        if let Some(at) = *last
+            && at.elapsed() < self.settings.min_refetch
+        {
+            return false;
+        }
+        *last = Some(Instant::now());
+        self.refresh().await.is_ok()
+    }
+
+    async fn fetch(&self) -> Result<Arc<KeySet>, KeyError> {
+        let set = match &self.source {
+            KeySource::File { path, .. } => {
+                let bytes = tokio::fs::read(path).await.map_err(|e| KeyError::Io(e.to_string()))?;
+                self.resolved_from.store(Some(Arc::new(path.display().to_string())));
+                KeySet::from_jwks(&bytes)?
+            }
+            KeySource::Uri(uri) => {
+                self.resolved_from.store(Some(Arc::new(uri.clone())));
+                KeySet::from_jwks(&self.get(uri).await?)?
+            }
+            KeySource::Discovery => {
+                let uri = self.discover().await?;
+                let set = KeySet::from_jwks(&self.get(&uri).await?)?;
+                self.resolved_from.store(Some(Arc::new(uri)));
+                set
+            }
+        };
+        Ok(Arc::new(set))
+    }
+
+    /// Reads `{issuer}/.well-known/openid-configuration`, checks it names this issuer, and returns
+    /// its `jwks_uri`.
+    async fn discover(&self) -> Result<String, KeyError> {
+        #[derive(Deserialize)]
+        struct Discovery {
+            issuer: String,
+            jwks_uri: String,
+        }
+        let url = format!("{}/.well-known/openid-configuration", self.issuer.trim_end_matches('/'));
+        let body = self.get(&url).await?;
+        let doc: Discovery = serde_json::from_slice(&body).map_err(|e| KeyError::Fetch {
+            url: url.clone(),
+            reason: format!("not an OpenID configuration: {e}"),
+        })?;
+        if doc.issuer != *self.issuer {
+            return Err(KeyError::IssuerMismatch { issuer: self.issuer.to_string(), found: doc.issuer });
+        }
+        url_is_allowed(&doc.jwks_uri).map_err(KeyError::Url)?;
+        Ok(doc.jwks_uri)
+    }
+
+    async fn get(&self, url: &str) -> Result<Vec<u8>, KeyError> {
+        let fail = |reason: String| KeyError::Fetch { url: url.to_string(), reason };
+        url_is_allowed(url).map_err(KeyError::Url)?;
+        let mut resp = self
+            .client
+            .get(url)
+            .timeout(self.settings.fetch_timeout)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|e| fail(error_chain(&e)))?;
+        if resp.status() != reqwest::StatusCode::OK {
+            return Err(fail(format!("status {}", resp.status().as_u16())));
+        }
+        if resp.content_length().is_some_and(|l| l as usize > MAX_DOCUMENT_BYTES) {
+            return Err(fail(format!("document larger than {MAX_DOCUMENT_BYTES} bytes")));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(error_chain(&e)))? {
+            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+                return Err(fail(format!("document larger than {MAX_DOCUMENT_BYTES} bytes")));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+fn same_set(a: Option<&Arc<KeySet>>, b: Option<&Arc<KeySet>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// The error with its causes, e.g. "error sending request: connection refused".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The HTTP client for key fetches: rustls, no redirects to non-https places.
+pub fn http_client(settings: &KeySettings) -> reqwest::Client {
+    let policy = reqwest::redirect::Policy::custom(|attempt| {
+        if attempt.previous().len() >= 3 {
+            attempt.error("too many redirects")
+        } else if url_is_allowed(attempt.url().as_str()).is_err() {
+            attempt.error("redirect to a URL that is not https")
+        } else {
+            attempt.follow()
+        }
+    });
+    reqwest::Client::builder()
+        .redirect(policy)
+        .connect_timeout(settings.fetch_timeout)
+        .user_agent(concat!("subguard/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_default()
+}
+
+/// Keeps a store fresh: until it has keys, retries with backoff (1 s doubling to 30 s, capped by
+/// the refresh period); then refreshes every `refresh` period. Ends when the store is dropped
+/// (a reload replaced it).
+pub fn spawn_refresh(store: &Arc<KeyStore>) -> tokio::task::JoinHandle<()> {
+    let weak: Weak<KeyStore> = Arc::downgrade(store);
+    let period = store.settings.refresh;
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_secs(1);
+        let mut first = true;
+        loop {
+            let Some(store) = weak.upgrade() else { return };
+            // Key files were parsed when the config loaded; no need to read them again right away.
+            let ok = if first && store.is_ready() { true } else { store.refresh().await.is_ok() };
+            first = false;
+            let wait = if !store.is_ready() {
+                let w = backoff.min(period);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                w
+            } else if ok {
+                backoff = Duration::from_secs(1);
+                period
+            } else {
+                // Serving the last good keys; try again sooner than a full period.
+                period.min(Duration::from_secs(30))
+            };
+            drop(store);
+            tokio::time::sleep(wait).await;
+        }
+    })
+}
+
+/// Signs and verifies a throwaway token at startup, so a crypto-backend mix-up (jsonwebtoken
+/// panics on first use without exactly one backend) fails the start, not the first request.
+pub fn self_test() -> anyhow::Result<()> {
+    // HMAC here only exercises the crypto provider; tokens signed with HS* are never accepted.
+    let secret = b"subguard-startup-self-test";
+    let sig = jsonwebtoken::crypto::sign(
+        b"self.test",
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+        Algorithm::HS256,
+    )?;
+    let key = DecodingKey::from_secret(secret);
+    if !jsonwebtoken::crypto::verify(&sig, b"self.test", &key, Algorithm::HS256)?
+        || jsonwebtoken::crypto::verify(&sig, b"self.tesT", &key, Algorithm::HS256)?
+    {
+        anyhow::bail!("crypto self-test failed: signatures do not verify as they should");
+    }
+    Ok(())
+}

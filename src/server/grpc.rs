@@ -1,0 +1,300 @@
+//! The Envoy side of a check: reads a `CheckRequest` through [`EnvoyRequest`] (the pipeline's
+//! [`RequestView`]) and renders a [`Decision`] as a `CheckResponse` (SPEC §3, deny and allow
+//! responses, dynamic metadata). The only module that knows the protobuf types.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
+};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc;
+use tonic::{Request, Response, Status};
+
+use super::State;
+use crate::check::{Policy, RequestView};
+use crate::decision::{Decision, Outcome, Reason};
+
+/// The dynamic-metadata namespace Envoy files ext_authz metadata under.
+pub const METADATA_NAMESPACE: &str = "envoy.filters.http.ext_authz";
+
+/// A request id longer than this is cut in the body and logs (it is client-controlled at the edge).
+const MAX_REQUEST_ID: usize = 128;
+
+/// A `CheckRequest` seen through [`RequestView`].
+///
+/// Envoy sends headers in `headers` (a map, repeated headers joined by commas) or, with
+/// `encode_raw_headers: true`, in `header_map` as raw bytes; both are read here, the raw form
+/// joined the same way so the pipeline sees one value per name either way.
+pub struct EnvoyRequest<'a> {
+    http: Option<&'a HttpRequest>,
+    raw: Option<HashMap<String, Cow<'a, str>>>,
+    route_tenant: Option<&'a str>,
+}
+
+impl<'a> EnvoyRequest<'a> {
+    pub fn new(req: &'a CheckRequest) -> Self {
+        let attrs = req.attributes.as_ref();
+        let http = attrs.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let raw = http.filter(|h| h.headers.is_empty()).and_then(|h| h.header_map.as_ref()).map(|m| {
+            let mut map: HashMap<String, Cow<'a, str>> = HashMap::with_capacity(m.headers.len());
+            for hv in &m.headers {
+                let value = if hv.raw_value.is_empty() {
+                    Cow::Borrowed(hv.value.as_str())
+                } else {
+                    String::from_utf8_lossy(&hv.raw_value)
+                };
+                map.entry(hv.key.to_ascii_lowercase())
+                    .and_modify(|v| {
+                        let joined = format!("{v},{value}");
+                        *v = Cow::Owned(joined);
+                    })
+                    .or_insert(value);
+            }
+            map
+        });
+        let route_tenant = attrs.and_then(|a| a.context_extensions.get("tenant")).map(String::as_str);
+        EnvoyRequest { http, raw, route_tenant }
+    }
+
+    pub fn request_id(&self) -> Option<&str> {
+        self.header("x-request-id").map(|id| truncate(id, MAX_REQUEST_ID))
+    }
+}
+
+impl RequestView for EnvoyRequest<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        match &self.raw {
+            Some(map) => map.get(name).map(|v| v.as_ref()),
+            None => self.http?.headers.get(name).map(String::as_str),
+        }
+    }
+
+    fn host(&self) -> Option<&str> {
+        self.http
+            .map(|h| h.host.as_str())
+            .filter(|h| !h.is_empty())
+            .or_else(|| self.header(":authority"))
+            .or_else(|| self.header("host"))
+    }
+
+    fn route_tenant(&self) -> Option<&str> {
+        self.route_tenant
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The gRPC `Authorization` service.
+pub struct AuthorizationService {
+    state: Arc<State>,
+}
+
+impl AuthorizationService {
+    pub fn new(state: Arc<State>) -> Self {
+        AuthorizationService { state }
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthorizationService {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let req = request.into_inner();
+        let view = EnvoyRequest::new(&req);
+        let policy = self.state.policy.load_full();
+        let decision = policy.check(&view, unix_now()).await;
+        let request_id = view.request_id();
+        log_decision(&decision, request_id);
+        Ok(Response::new(render(&decision, &policy, request_id)))
+    }
+}
+
+fn log_decision(d: &Decision, request_id: Option<&str>) {
+    let tenant = d.tenant.as_deref().unwrap_or("");
+    let sub = d.sub.as_deref().unwrap_or("");
+    let issuer = d.issuer.as_deref().unwrap_or("");
+    let detail = d.detail.as_deref().unwrap_or("");
+    let request_id = request_id.unwrap_or("");
+    match d.outcome {
+        Outcome::Allow(_) => {
+            tracing::debug!(
+                decision = "allow",
+                reason = "ok",
+                tenant,
+                sub,
+                issuer,
+                request_id,
+                "check allowed"
+            )
+        }
+        Outcome::Deny(r) if r.is_outage() => {
+            tracing::warn!(
+                decision = "deny",
+                reason = r.code(),
+                tenant,
+                sub,
+                issuer,
+                request_id,
+                detail,
+                "check denied"
+            )
+        }
+        Outcome::Deny(r) => {
+            tracing::info!(
+                decision = "deny",
+                reason = r.code(),
+                tenant,
+                sub,
+                issuer,
+                request_id,
+                detail,
+                "check denied"
+            )
+        }
+    }
+}
+
+fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue { key: key.to_string(), value: value.into(), raw_value: Vec::new() }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value { kind: Some(Kind::StringValue(s.to_string())) }
+}
+
+/// The dynamic metadata Envoy's access log reads: decision, reason, and what is known of tenant,
+/// sub and issuer.
+pub fn metadata(d: &Decision) -> Struct {
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert("decision".to_string(), string_value(if d.is_allow() { "allow" } else { "deny" }));
+    fields.insert("reason".to_string(), string_value(d.reason_code()));
+    for (k, v) in
+        [("tenant", d.tenant.as_deref()), ("sub", d.sub.as_deref()), ("issuer", d.issuer.as_deref())]
+    {
+        if let Some(v) = v {
+            fields.insert(k.to_string(), string_value(v));
+        }
+    }
+    Struct { fields: fields.into_iter().collect() }
+}
+
+/// google.rpc codes, so gRPC-level tooling sees a meaningful status too (Envoy only cares OK or not).
+fn rpc_code(reason: Reason) -> i32 {
+    match reason.http_status() {
+        400 => 3,  // INVALID_ARGUMENT
+        401 => 16, // UNAUTHENTICATED
+        404 => 5,  // NOT_FOUND
+        503 => 14, // UNAVAILABLE
+        500 => 13, // INTERNAL
+        _ => 7,    // PERMISSION_DENIED
+    }
+}
+
+/// The body of a deny: `{"code","message","tenant","request_id"}`. Never contains the token.
+pub fn deny_body(reason: Reason, tenant: Option<&str>, request_id: Option<&str>) -> String {
+    serde_json::json!({
+        "code": reason.code(),
+        "message": reason.message(tenant),
+        "tenant": tenant,
+        "request_id": request_id,
+    })
+    .to_string()
+}
+
+/// The response headers of a deny.
+pub fn deny_headers(reason: Reason, tenant: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut h = vec![
+        ("content-type", "application/json".to_string()),
+        ("x-subguard-reason", reason.code().to_string()),
+    ];
+    if reason.http_status() == 401 {
+        let realm = tenant.unwrap_or("");
+        let v = if reason == Reason::MissingToken {
+            format!("Bearer realm=\"{realm}\"")
+        } else {
+            format!(
+                "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{}\"",
+                reason.message(tenant)
+            )
+        };
+        h.push(("www-authenticate", v));
+    }
+    if let Some(s) = reason.retry_after_seconds() {
+        h.push(("retry-after", s.to_string()));
+    }
+    h
+}
+
+/// Renders a decision as Envoy's `CheckResponse`.
+pub fn render(d: &Decision, policy: &Policy, request_id: Option<&str>) -> CheckResponse {
+    let dynamic_metadata = Some(metadata(d));
+    match &d.outcome {
+        Outcome::Allow(identity) => {
+            let f = &policy.forward;
+            let tenant = d.tenant.as_deref().unwrap_or("");
+            // Set headers overwrite whatever the client sent under those names.
+            let mut headers =
+                vec![header(&f.tenant_header, tenant), header(&f.user_header, &*identity.user_id)];
+            let mut headers_to_remove = Vec::new();
+            match &identity.roles {
+                Some(roles) => headers.push(header(&f.roles_header, &**roles)),
+                None => headers_to_remove.push(f.roles_header.clone()),
+            }
+            if f.strip_authorization {
+                headers_to_remove.push("authorization".to_string());
+            }
+            CheckResponse {
+                status: Some(rpc::Status { code: 0, ..Default::default() }),
+                http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                    headers,
+                    headers_to_remove,
+                    ..Default::default()
+                })),
+                dynamic_metadata,
+            }
+        }
+        Outcome::Deny(reason) => {
+            let tenant = d.tenant.as_deref();
+            CheckResponse {
+                status: Some(rpc::Status {
+                    code: rpc_code(*reason),
+                    message: reason.code().to_string(),
+                    ..Default::default()
+                }),
+                http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                    status: Some(HttpStatus { code: i32::from(reason.http_status()) }),
+                    headers: deny_headers(*reason, tenant).into_iter().map(|(k, v)| header(k, v)).collect(),
+                    body: deny_body(*reason, tenant, request_id),
+                })),
+                dynamic_metadata,
+            }
+        }
+    }
+}

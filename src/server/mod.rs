@@ -1,0 +1,166 @@
+//! The running sidecar: the gRPC listener (ext_authz `Check` and `grpc.health.v1`), the admin HTTP
+//! listener (`/healthz`, `/readyz`), readiness, and graceful shutdown.
+//!
+//! Shutdown order: readiness goes down (health NOT_SERVING, `/readyz` 503), the listeners stop
+//! accepting, in-flight checks finish within `shutdown_grace_seconds`, then `serve` returns.
+
+pub mod admin;
+pub mod grpc;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::check::Policy;
+use crate::config::{Config, ListenAddr};
+
+/// State shared by the listeners. The policy is swapped whole on reload; readers never block.
+pub struct State {
+    pub policy: ArcSwap<Policy>,
+    shutting_down: AtomicBool,
+}
+
+impl State {
+    pub fn new(policy: Policy) -> Arc<State> {
+        Arc::new(State { policy: ArcSwap::from_pointee(policy), shutting_down: AtomicBool::new(false) })
+    }
+
+    /// Ready: config loaded, every issuer has usable keys, not shutting down.
+    pub fn is_ready(&self) -> bool {
+        !self.shutting_down.load(Ordering::Acquire) && self.policy.load().is_ready()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+}
+
+/// Addresses the listeners actually bound (port 0 resolved).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub grpc: ListenAddr,
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+
+/// Runs the sidecar until `shutdown` resolves, then drains. Returns an error only if a listener
+/// cannot be bound.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let grace = config.shutdown_grace;
+    let listen = config.listen.clone();
+    let policy = Policy::build(config);
+    policy.start_key_refresh();
+    let state = State::new(policy);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let authz = AuthorizationServer::new(grpc::AuthorizationService::new(state.clone()));
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(authz);
+
+    let mut bound = Bound { grpc: listen.grpc.clone(), admin: None };
+    let grpc_task = match &listen.grpc {
+        ListenAddr::Tcp(addr) => {
+            let listener =
+                TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("listen.grpc {addr}: {e}"))?;
+            let local = listener.local_addr()?;
+            bound.grpc = ListenAddr::Tcp(local);
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
+        }
+        ListenAddr::Unix(path) => {
+            // A socket file left by a previous run would make bind fail.
+            if path.exists() {
+                let _ = std::fs::remove_file(path);
+            }
+            let listener = UnixListener::bind(path)
+                .map_err(|e| anyhow::anyhow!("listen.grpc unix://{}: {e}", path.display()))?;
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
+        }
+    };
+    tracing::info!(listener = "grpc", addr = %bound.grpc, "listening");
+
+    let admin_task = match listen.admin {
+        Some(addr) => {
+            let listener =
+                TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("listen.admin {addr}: {e}"))?;
+            let local = listener.local_addr()?;
+            bound.admin = Some(local);
+            tracing::info!(listener = "admin", addr = %local, "listening");
+            let app = admin::router(state.clone());
+            let rx = stop_rx.clone();
+            Some(tokio::spawn(
+                async move { axum::serve(listener, app).with_graceful_shutdown(stopped(rx)).await },
+            ))
+        }
+        None => None,
+    };
+
+    // Readiness: flip gRPC health to SERVING once every issuer has keys (and back if ever lost).
+    let watcher = {
+        let state = state.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let mut serving = false;
+            loop {
+                let ready = state.is_ready();
+                if ready != serving {
+                    let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    health.set_service_status("", status).await;
+                    health.set_service_status(AUTHZ_SERVICE, status).await;
+                    tracing::info!(ready, "readiness changed");
+                    serving = ready;
+                }
+                tokio::time::sleep(Duration::from_millis(if ready { 1000 } else { 50 })).await;
+            }
+        })
+    };
+
+    shutdown.await;
+    tracing::info!(
+        grace_seconds = grace.as_secs(),
+        "shutting down: readiness down, draining in-flight checks"
+    );
+    state.shutting_down.store(true, Ordering::Release);
+    watcher.abort();
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
+    let _ = stop_tx.send(true);
+
+    let drained = tokio::time::timeout(grace, async {
+        let r = grpc_task.await;
+        if let Some(a) = admin_task {
+            let _ = a.await;
+        }
+        r
+    })
+    .await;
+    match drained {
+        Ok(Ok(Ok(()))) => tracing::info!("stopped"),
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "grpc server failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "grpc server task failed"),
+        Err(_) => tracing::warn!("grace period over with checks still in flight; exiting"),
+    }
+    if let ListenAddr::Unix(path) = &listen.grpc {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}

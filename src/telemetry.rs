@@ -27,3 +27,222 @@ pub fn init(format: LogFormat) {
         tracing::warn!("{msg}; using info");
     }
 }
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::decision::Decision;
+
+/// Decision latency buckets: a warm check is microseconds, a cold one (signature + directory
+/// round trip) milliseconds; anything past 250 ms is already an Envoy timeout.
+const CHECK_BUCKETS: [f64; 14] = [
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    pub decision: &'static str,
+    pub reason: &'static str,
+    /// A configured tenant, or `""` (never raw request input).
+    pub tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectoryLabels {
+    pub tenant: String,
+    /// `found`, `not_found`, `error`, `cache_hit`, `stale`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwksLabels {
+    /// A configured issuer.
+    pub issuer: String,
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Every metric family subguard exports (SPEC §4). Label values come from the config and the
+/// fixed reason table only, so a client cannot create series.
+#[derive(Debug)]
+pub struct Metrics {
+    checks: Family<CheckLabels, Counter>,
+    check_duration: Histogram,
+    in_flight: Gauge,
+    directory_lookups: Family<DirectoryLabels, Counter>,
+    jwks_fetches: Family<JwksLabels, Counter>,
+    pub config_reloads: Family<ReloadLabels, Counter>,
+}
+
+impl Metrics {
+    /// Creates the families and registers them (with the `subguard_` prefix) in `registry`.
+    pub fn register(registry: &mut Registry) -> Arc<Metrics> {
+        let m = Metrics::unregistered();
+        let r = registry.sub_registry_with_prefix("subguard");
+        r.register("checks", "Authorization checks by decision, reason code and tenant", m.checks.clone());
+        r.register_with_unit(
+            "check_duration",
+            "Time to decide one check",
+            Unit::Seconds,
+            m.check_duration.clone(),
+        );
+        r.register("checks_in_flight", "Checks being decided right now", m.in_flight.clone());
+        r.register(
+            "directory_lookups",
+            "User directory lookups by tenant and outcome",
+            m.directory_lookups.clone(),
+        );
+        r.register("jwks_fetches", "Issuer key (JWKS) fetches by issuer and outcome", m.jwks_fetches.clone());
+        r.register("config_reloads", "Configuration reloads by outcome", m.config_reloads.clone());
+        for outcome in ["ok", "error"] {
+            let _ = m.config_reloads.get_or_create(&ReloadLabels { outcome });
+        }
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        r.register("build_info", "The running subguard version", build);
+        Arc::new(m)
+    }
+
+    /// Metrics that go nowhere (for `explain`-style tools and unit tests).
+    pub fn detached() -> Arc<Metrics> {
+        Arc::new(Metrics::unregistered())
+    }
+
+    fn unregistered() -> Metrics {
+        Metrics {
+            checks: Family::default(),
+            check_duration: Histogram::new(CHECK_BUCKETS),
+            in_flight: Gauge::default(),
+            directory_lookups: Family::default(),
+            jwks_fetches: Family::default(),
+            config_reloads: Family::default(),
+        }
+    }
+
+    /// Marks a check in flight until the guard drops.
+    pub fn check_started(&self) -> InFlight<'_> {
+        self.in_flight.inc();
+        InFlight(&self.in_flight)
+    }
+
+    /// Creates the zero-valued series of a configured tenant and its issuers, so dashboards and
+    /// alerts see `0` rather than an absent series before the first event.
+    pub fn declare_tenant<'a>(&self, tenant: &str, issuers: impl Iterator<Item = &'a str>) {
+        for outcome in ["found", "not_found", "error"] {
+            let _ = self
+                .directory_lookups
+                .get_or_create(&DirectoryLabels { tenant: tenant.to_string(), outcome });
+        }
+        for issuer in issuers {
+            for outcome in ["ok", "error"] {
+                let _ = self.jwks_fetches.get_or_create(&JwksLabels { issuer: issuer.to_string(), outcome });
+            }
+        }
+    }
+
+    pub fn directory_lookup(&self, tenant: &str, outcome: &'static str) {
+        self.directory_lookups.get_or_create(&DirectoryLabels { tenant: tenant.to_string(), outcome }).inc();
+    }
+
+    pub fn jwks_fetch(&self, issuer: &str, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.jwks_fetches.get_or_create(&JwksLabels { issuer: issuer.to_string(), outcome }).inc();
+    }
+
+    /// The one place a finished check is observed: it is counted, timed and logged together, so
+    /// logs and metrics never disagree.
+    pub fn check_finished(&self, d: &Decision, request_id: Option<&str>, elapsed: Duration) {
+        let tenant = d.tenant.as_deref().unwrap_or("");
+        self.checks
+            .get_or_create(&CheckLabels {
+                decision: if d.is_allow() { "allow" } else { "deny" },
+                reason: d.reason_code(),
+                tenant: tenant.to_string(),
+            })
+            .inc();
+        self.check_duration.observe(elapsed.as_secs_f64());
+        log_decision(d, request_id);
+    }
+}
+
+/// Decrements the in-flight gauge when dropped (also when a check is cancelled).
+pub struct InFlight<'a>(&'a Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// One line per deny at info (warn for outages), allows at debug. Never the token.
+fn log_decision(d: &Decision, request_id: Option<&str>) {
+    use crate::decision::Outcome;
+    let tenant = d.tenant.as_deref().unwrap_or("");
+    let sub = d.sub.as_deref().unwrap_or("");
+    let issuer = d.issuer.as_deref().unwrap_or("");
+    let detail = d.detail.as_deref().unwrap_or("");
+    let request_id = request_id.unwrap_or("");
+    match d.outcome {
+        Outcome::Allow(_) => {
+            tracing::debug!(
+                decision = "allow",
+                reason = "ok",
+                tenant,
+                sub,
+                issuer,
+                request_id,
+                "check allowed"
+            )
+        }
+        Outcome::Deny(r) if r.is_outage() => {
+            tracing::warn!(
+                decision = "deny",
+                reason = r.code(),
+                tenant,
+                sub,
+                issuer,
+                request_id,
+                detail,
+                "check denied"
+            )
+        }
+        Outcome::Deny(r) => {
+            tracing::info!(
+                decision = "deny",
+                reason = r.code(),
+                tenant,
+                sub,
+                issuer,
+                request_id,
+                detail,
+                "check denied"
+            )
+        }
+    }
+}
+
+/// The Prometheus text exposition of a registry.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
+}

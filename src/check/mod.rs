@@ -19,6 +19,7 @@ use crate::config::{Config, DirectoryKind, Forward, TenantSources, TokenSettings
 use crate::decision::{Decision, Identity, Outcome, Reason};
 use crate::directory::{Directory, FileDirectory, Lookup};
 use crate::keys::{KeyMatch, KeyStore, http_client, spawn_refresh};
+use crate::telemetry::Metrics;
 use tenant::Source;
 
 /// A token without `kid` tries at most this many fitting keys, so a large JWKS cannot turn one
@@ -65,11 +66,12 @@ pub struct Policy {
     pub forward: Forward,
     pub tenants: HashMap<String, Arc<Tenant>>,
     pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Policy {
     /// Builds the runtime objects (key stores, directories) for a validated config. Starts no task.
-    pub fn build(config: Config) -> Policy {
+    pub fn build(config: Config, metrics: Arc<Metrics>) -> Policy {
         let client = http_client(&config.keys);
         let mut file_dirs: HashMap<std::path::PathBuf, Arc<Directory>> = HashMap::new();
         let mut tenants = HashMap::with_capacity(config.tenants.len());
@@ -91,11 +93,18 @@ impl Policy {
                         iss: iss.clone(),
                         audiences: ic.audiences.clone(),
                         algorithms: ic.algorithms.clone(),
-                        keys: Arc::new(KeyStore::new(iss, ic.keys.clone(), config.keys, client.clone())),
+                        keys: Arc::new(KeyStore::new(
+                            iss,
+                            ic.keys.clone(),
+                            config.keys,
+                            client.clone(),
+                            metrics.clone(),
+                        )),
                     }
                 })
                 .collect();
             let tenant = Tenant { name: Arc::from(name.as_str()), issuers, directory };
+            metrics.declare_tenant(name, tenant.issuers.iter().map(|i| &*i.iss));
             tenants.insert(name.clone(), Arc::new(tenant));
         }
         Policy {
@@ -104,6 +113,7 @@ impl Policy {
             forward: config.forward.clone(),
             tenants,
             config: Arc::new(config),
+            metrics,
         }
     }
 
@@ -229,7 +239,14 @@ impl Policy {
         }
         let sub = claims.sub.as_deref().filter(|s| !s.is_empty()).ok_or(Reason::MissingSubject)?;
 
-        let user = match tenant.directory.lookup(&tenant.name, sub).await {
+        let lookup = tenant.directory.lookup(&tenant.name, sub).await;
+        let outcome = match &lookup {
+            Ok(Lookup::Found(_)) => "found",
+            Ok(Lookup::NotFound) => "not_found",
+            Err(_) => "error",
+        };
+        self.metrics.directory_lookup(&tenant.name, outcome);
+        let user = match lookup {
             Ok(Lookup::Found(u)) => u,
             Ok(Lookup::NotFound) => {
                 d.detail = Some(format!("no user in {}", tenant.directory.describe()));

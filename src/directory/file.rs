@@ -35,7 +35,10 @@ impl UsersFile {
             Value::Null => return Ok(UsersFile::default()),
             Value::Object(m) => m,
             _ => {
-                return Err(vec![ConfigError::new("", "must be a mapping of tenant name to a list of users")]);
+                return Err(vec![ConfigError::new(
+                    "",
+                    "must be a mapping of tenant name to a list of users",
+                )]);
             }
         };
         let mut errors = Vec::new();

@@ -17,6 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
 use crate::config::{KeySettings, KeySource};
+use crate::telemetry::Metrics;
 
 /// Largest JWKS or discovery document accepted from the network.
 pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
@@ -278,6 +279,7 @@ pub struct KeyStore {
     last_refetch: tokio::sync::Mutex<Option<Instant>>,
     /// Where the keys last came from (a JWKS URL after discovery), for logs and `explain`.
     resolved_from: ArcSwapOption<String>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -287,7 +289,13 @@ impl std::fmt::Debug for KeyStore {
 }
 
 impl KeyStore {
-    pub fn new(issuer: Arc<str>, source: KeySource, settings: KeySettings, client: reqwest::Client) -> Self {
+    pub fn new(
+        issuer: Arc<str>,
+        source: KeySource,
+        settings: KeySettings,
+        client: reqwest::Client,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let initial = match &source {
             KeySource::File { initial, .. } => Some(initial.clone()),
             _ => None,
@@ -300,6 +308,7 @@ impl KeyStore {
             current: ArcSwapOption::new(initial),
             last_refetch: tokio::sync::Mutex::new(None),
             resolved_from: ArcSwapOption::empty(),
+            metrics,
         }
     }
 
@@ -328,6 +337,7 @@ impl KeyStore {
     /// Fetches the keys now and installs them; on failure the last good keys stay.
     pub async fn refresh(&self) -> Result<Arc<KeySet>, KeyError> {
         let result = self.fetch().await;
+        self.metrics.jwks_fetch(&self.issuer, result.is_ok());
         match &result {
             Ok(set) => {
                 for s in &set.skipped {

@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
@@ -122,58 +122,17 @@ pub fn unix_now() -> i64 {
 #[tonic::async_trait]
 impl Authorization for AuthorizationService {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let started = Instant::now();
+        let metrics = &self.state.metrics;
+        let _in_flight = metrics.check_started();
         let req = request.into_inner();
         let view = EnvoyRequest::new(&req);
         let policy = self.state.policy.load_full();
         let decision = policy.check(&view, unix_now()).await;
         let request_id = view.request_id();
-        log_decision(&decision, request_id);
-        Ok(Response::new(render(&decision, &policy, request_id)))
-    }
-}
-
-fn log_decision(d: &Decision, request_id: Option<&str>) {
-    let tenant = d.tenant.as_deref().unwrap_or("");
-    let sub = d.sub.as_deref().unwrap_or("");
-    let issuer = d.issuer.as_deref().unwrap_or("");
-    let detail = d.detail.as_deref().unwrap_or("");
-    let request_id = request_id.unwrap_or("");
-    match d.outcome {
-        Outcome::Allow(_) => {
-            tracing::debug!(
-                decision = "allow",
-                reason = "ok",
-                tenant,
-                sub,
-                issuer,
-                request_id,
-                "check allowed"
-            )
-        }
-        Outcome::Deny(r) if r.is_outage() => {
-            tracing::warn!(
-                decision = "deny",
-                reason = r.code(),
-                tenant,
-                sub,
-                issuer,
-                request_id,
-                detail,
-                "check denied"
-            )
-        }
-        Outcome::Deny(r) => {
-            tracing::info!(
-                decision = "deny",
-                reason = r.code(),
-                tenant,
-                sub,
-                issuer,
-                request_id,
-                detail,
-                "check denied"
-            )
-        }
+        let response = render(&decision, &policy, request_id);
+        metrics.check_finished(&decision, request_id, started.elapsed());
+        Ok(Response::new(response))
     }
 }
 

@@ -20,16 +20,25 @@ use tonic_health::ServingStatus;
 
 use crate::check::Policy;
 use crate::config::{Config, ListenAddr};
+use crate::telemetry::Metrics;
+use prometheus_client::registry::Registry;
 
 /// State shared by the listeners. The policy is swapped whole on reload; readers never block.
 pub struct State {
     pub policy: ArcSwap<Policy>,
+    pub metrics: Arc<Metrics>,
+    pub registry: Registry,
     shutting_down: AtomicBool,
 }
 
 impl State {
-    pub fn new(policy: Policy) -> Arc<State> {
-        Arc::new(State { policy: ArcSwap::from_pointee(policy), shutting_down: AtomicBool::new(false) })
+    pub fn new(policy: Policy, metrics: Arc<Metrics>, registry: Registry) -> Arc<State> {
+        Arc::new(State {
+            policy: ArcSwap::from_pointee(policy),
+            metrics,
+            registry,
+            shutting_down: AtomicBool::new(false),
+        })
     }
 
     /// Ready: config loaded, every issuer has usable keys, not shutting down.
@@ -56,9 +65,11 @@ const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let grace = config.shutdown_grace;
     let listen = config.listen.clone();
-    let policy = Policy::build(config);
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let policy = Policy::build(config, metrics.clone());
     policy.start_key_refresh();
-    let state = State::new(policy);
+    let state = State::new(policy, metrics, registry);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;

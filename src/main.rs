@@ -39,7 +39,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { config } => match subguard::config::load(&config) {
-            Ok(_) => {
+            Ok(cfg) => {
+                for w in &cfg.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!("ok");
                 ExitCode::SUCCESS
             }
@@ -87,6 +90,9 @@ fn main() -> ExitCode {
 async fn run(cfg: subguard::config::Config) -> anyhow::Result<()> {
     subguard::keys::self_test()?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %cfg.path.display(), tenants = cfg.tenants.len(), "starting");
+    for w in &cfg.warnings {
+        tracing::warn!(warning = %w, "config warning");
+    }
     subguard::server::serve(cfg, shutdown_signal()).await
 }
 

@@ -70,6 +70,12 @@ pub struct JwksLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// `default` or the tenant whose own directory it is.
+    pub directory: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub outcome: &'static str,
 }
@@ -88,6 +94,7 @@ pub struct Metrics {
     in_flight: Gauge,
     directory_lookups: Family<DirectoryLabels, Counter>,
     jwks_fetches: Family<JwksLabels, Counter>,
+    breaker_state: Family<BreakerLabels, Gauge>,
     pub config_reloads: Family<ReloadLabels, Counter>,
 }
 
@@ -110,6 +117,11 @@ impl Metrics {
             m.directory_lookups.clone(),
         );
         r.register("jwks_fetches", "Issuer key (JWKS) fetches by issuer and outcome", m.jwks_fetches.clone());
+        r.register(
+            "directory_breaker_state",
+            "Circuit breaker of each remote directory: 0 closed, 1 open, 2 half-open",
+            m.breaker_state.clone(),
+        );
         r.register("config_reloads", "Configuration reloads by outcome", m.config_reloads.clone());
         for outcome in ["ok", "error"] {
             let _ = m.config_reloads.get_or_create(&ReloadLabels { outcome });
@@ -132,6 +144,7 @@ impl Metrics {
             in_flight: Gauge::default(),
             directory_lookups: Family::default(),
             jwks_fetches: Family::default(),
+            breaker_state: Family::default(),
             config_reloads: Family::default(),
         }
     }
@@ -145,7 +158,7 @@ impl Metrics {
     /// Creates the zero-valued series of a configured tenant and its issuers, so dashboards and
     /// alerts see `0` rather than an absent series before the first event.
     pub fn declare_tenant<'a>(&self, tenant: &str, issuers: impl Iterator<Item = &'a str>) {
-        for outcome in ["found", "not_found", "error"] {
+        for outcome in ["found", "not_found", "error", "cache_hit", "stale"] {
             let _ = self
                 .directory_lookups
                 .get_or_create(&DirectoryLabels { tenant: tenant.to_string(), outcome });
@@ -155,6 +168,16 @@ impl Metrics {
                 let _ = self.jwks_fetches.get_or_create(&JwksLabels { issuer: issuer.to_string(), outcome });
             }
         }
+    }
+
+    pub fn breaker_changed(&self, directory: &str, state: crate::directory::breaker::BreakerState) {
+        use crate::directory::breaker::BreakerState;
+        let v = match state {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        self.breaker_state.get_or_create(&BreakerLabels { directory: directory.to_string() }).set(v);
     }
 
     pub fn directory_lookup(&self, tenant: &str, outcome: &'static str) {

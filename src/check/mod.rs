@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use jsonwebtoken::crypto;
 
-use crate::config::{Config, DirectoryKind, Forward, TenantSources, TokenSettings};
+use crate::config::{Config, Forward, TenantSources, TokenSettings};
 use crate::decision::{Decision, Identity, Outcome, Reason};
-use crate::directory::{Directory, FileDirectory, Lookup};
+use crate::directory::{Directory, Lookup};
 use crate::keys::{KeyMatch, KeyStore, http_client, spawn_refresh};
 use crate::telemetry::Metrics;
 use tenant::Source;
@@ -71,18 +71,23 @@ pub struct Policy {
 
 impl Policy {
     /// Builds the runtime objects (key stores, directories) for a validated config. Starts no task.
-    pub fn build(config: Config, metrics: Arc<Metrics>) -> Policy {
+    pub fn build(config: Config, metrics: Arc<Metrics>) -> Result<Policy, String> {
         let client = http_client(&config.keys);
-        let mut file_dirs: HashMap<std::path::PathBuf, Arc<Directory>> = HashMap::new();
+        // The default directory is shared by the tenants that have none of their own (its cache
+        // keys carry the tenant, so sharing never mixes answers).
+        let mut directories: HashMap<String, Arc<Directory>> = HashMap::new();
         let mut tenants = HashMap::with_capacity(config.tenants.len());
         for (name, tc) in &config.tenants {
-            let directory = match &tc.directory.kind {
-                DirectoryKind::File { path, users } => file_dirs
-                    .entry(path.clone())
-                    .or_insert_with(|| {
-                        Arc::new(Directory::File(FileDirectory::new(path.clone(), users.clone())))
-                    })
-                    .clone(),
+            let directory = match directories.get(&tc.directory.name) {
+                Some(d) => d.clone(),
+                None => {
+                    let d = Arc::new(
+                        Directory::build(&tc.directory, metrics.clone())
+                            .map_err(|e| format!("tenants.{name}.directory: {e}"))?,
+                    );
+                    directories.insert(tc.directory.name.clone(), d.clone());
+                    d
+                }
             };
             let issuers = tc
                 .issuers
@@ -107,14 +112,14 @@ impl Policy {
             metrics.declare_tenant(name, tenant.issuers.iter().map(|i| &*i.iss));
             tenants.insert(name.clone(), Arc::new(tenant));
         }
-        Policy {
+        Ok(Policy {
             tenant_sources: config.tenant_sources.clone(),
             token: config.token,
             forward: config.forward.clone(),
             tenants,
             config: Arc::new(config),
             metrics,
-        }
+        })
     }
 
     /// Every key store, once each.
@@ -207,7 +212,7 @@ impl Policy {
         })?;
 
         verify_signature(issuer, &jws, alg, d).await?;
-        d.sub = claims.sub.clone();
+        d.sub = claims.sub.clone().filter(|s| !s.is_empty());
 
         let leeway = self.token.leeway_seconds as f64;
         let now_f = now as f64;
@@ -239,17 +244,10 @@ impl Policy {
         }
         let sub = claims.sub.as_deref().filter(|s| !s.is_empty()).ok_or(Reason::MissingSubject)?;
 
-        let lookup = tenant.directory.lookup(&tenant.name, sub).await;
-        let outcome = match &lookup {
-            Ok(Lookup::Found(_)) => "found",
-            Ok(Lookup::NotFound) => "not_found",
-            Err(_) => "error",
-        };
-        self.metrics.directory_lookup(&tenant.name, outcome);
-        let user = match lookup {
+        let user = match tenant.directory.lookup(&tenant.name, sub).await.result {
             Ok(Lookup::Found(u)) => u,
             Ok(Lookup::NotFound) => {
-                d.detail = Some(format!("no user in {}", tenant.directory.describe()));
+                d.detail = Some(format!("no such user: {}", tenant.directory.describe(&tenant.name, sub)));
                 return Err(Reason::UserNotFound);
             }
             Err(e) => {

@@ -38,7 +38,18 @@ pub fn bearer(authorization: Option<&str>) -> Result<&str, Reason> {
 pub struct Header {
     pub alg: String,
     pub kid: Option<String>,
-    crit: Option<IgnoredAny>,
+    #[serde(default)]
+    crit: Present,
+}
+
+/// True when a member is present at all, whatever its value (`"crit": null` included).
+#[derive(Debug, Default)]
+struct Present(bool);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        IgnoredAny::deserialize(d).map(|_| Present(true))
+    }
 }
 
 /// `aud` is a string or an array of strings (RFC 7519 §4.1.3).
@@ -96,7 +107,7 @@ pub fn parse(token: &str) -> Result<Jws<'_>, Reason> {
         return Err(Reason::MalformedToken);
     }
     let header: Header = decode_json(h)?;
-    if header.crit.is_some() {
+    if header.crit.0 {
         return Err(Reason::MalformedToken);
     }
     let claims: Claims = decode_json(p)?;
@@ -173,6 +184,8 @@ mod tests {
             format!("{}=.{}.c2ln", b64(ok_h), b64(ok_c)),
             format!("!!.{}.c2ln", b64(ok_c)),
             token(r#"{"alg":"RS256","crit":["b64"]}"#, ok_c),
+            token(r#"{"alg":"RS256","crit":null}"#, ok_c),
+            token(r#"{"alg":"RS256","crit":[]}"#, ok_c),
             token(r#"{"kid":"k"}"#, ok_c),
             token(r#"{"alg":7}"#, ok_c),
             token(r#"["alg"]"#, ok_c),

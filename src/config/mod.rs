@@ -20,7 +20,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::check::tenant::{HostPattern, is_dns_label};
+use crate::directory::breaker::BreakerSettings;
 use crate::directory::file::UsersFile;
+use crate::directory::http::{HttpSettings, UrlTemplate};
+use crate::directory::scim::{RolesFrom, ScimMatch};
 use crate::keys::{KeySet, url_is_allowed};
 
 /// One configuration problem: where (a YAML path such as `tenants.acme.issuers[0].jwks_file`)
@@ -152,12 +155,40 @@ impl Default for CacheSettings {
 pub enum DirectoryKind {
     /// The users file, held in memory.
     File { path: PathBuf, users: Arc<UsersFile> },
+    /// `GET` a URL template per lookup.
+    Http { url: UrlTemplate, http: HttpSettings },
+    /// SCIM 2.0.
+    Scim { base: String, match_by: ScimMatch, roles_from: RolesFrom, http: HttpSettings },
+}
+
+/// Optional `sub` normalisation before a directory lookup. Off by default: a directory that stores
+/// `Alice` and an IdP that mints `alice` should be fixed at the source, but when that cannot be
+/// done this avoids a false `user_not_found`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Normalize {
+    pub trim: bool,
+    pub lowercase: bool,
+}
+
+impl Normalize {
+    pub fn apply<'a>(&self, sub: &'a str) -> std::borrow::Cow<'a, str> {
+        let s = if self.trim { sub.trim() } else { sub };
+        if self.lowercase && s.chars().any(char::is_uppercase) {
+            std::borrow::Cow::Owned(s.to_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(s)
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct DirectoryConfig {
+    /// `default` for the top-level directory, else the tenant's name (metrics, logs).
+    pub name: String,
     pub kind: DirectoryKind,
     pub cache: CacheSettings,
+    pub breaker: BreakerSettings,
+    pub normalize: Normalize,
 }
 
 #[derive(Debug, Clone)]
@@ -178,6 +209,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub forward: Forward,
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// Problems that do not stop the config from working (a skipped JWKS key, users of a tenant
+    /// that is not configured): printed by `validate`, logged by `serve`.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// Parses a JWS `alg` name into one of the supported public-key algorithms.
@@ -212,15 +246,16 @@ pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
 pub fn from_yaml(text: &str, path: &Path, base: &Path) -> Result<Config, Vec<ConfigError>> {
     let doc: Value =
         serde_saphyr::from_str(text).map_err(|e| vec![ConfigError::new("", format!("invalid YAML: {e}"))])?;
-    Loader { base: base.to_path_buf(), errors: Vec::new() }.load(doc, path)
+    Loader { base: base.to_path_buf(), errors: Vec::new(), warnings: Vec::new() }.load(doc, path)
 }
 
 struct Loader {
     base: PathBuf,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
-const TOP_LEVEL_KEYS: [&str; 10] = [
+const TOP_LEVEL_KEYS: [&str; 9] = [
     "listen",
     "tenant",
     "token",
@@ -230,7 +265,6 @@ const TOP_LEVEL_KEYS: [&str; 10] = [
     "forward",
     "tenants",
     "revocation",
-    "users",
 ];
 
 impl Loader {
@@ -258,10 +292,10 @@ impl Loader {
         };
         let keys: Vec<String> = top.keys().cloned().collect();
         for k in keys {
-            if !TOP_LEVEL_KEYS.contains(&k.as_str()) || k == "users" {
+            if !TOP_LEVEL_KEYS.contains(&k.as_str()) {
                 self.err(
                     k.clone(),
-                    format!("unknown key `{k}`, expected one of {}", TOP_LEVEL_KEYS[..9].join(", ")),
+                    format!("unknown key `{k}`, expected one of {}", TOP_LEVEL_KEYS.join(", ")),
                 );
             }
         }
@@ -340,6 +374,28 @@ impl Loader {
             Some(_) => self.err("tenants", "must be a mapping of tenant name to settings"),
         }
 
+        for (name, t) in &tenants {
+            if let DirectoryKind::File { path, users } = &t.directory.kind {
+                for other in users.tenants.keys().filter(|k| !tenants.contains_key(*k)) {
+                    let w = ConfigError::new(
+                        path.display().to_string(),
+                        format!("users of `{other}` are never used: no such tenant is configured"),
+                    );
+                    if !self.warnings.contains(&w) {
+                        self.warnings.push(w);
+                    }
+                }
+                if !users.tenants.contains_key(name) {
+                    self.warnings.push(ConfigError::new(
+                        format!("tenants.{name}"),
+                        format!(
+                            "{} lists no users for this tenant: every check will be user_not_found",
+                            path.display()
+                        ),
+                    ));
+                }
+            }
+        }
         if self.errors.is_empty() {
             Ok(Config {
                 path: path.to_path_buf(),
@@ -350,6 +406,7 @@ impl Loader {
                 shutdown_grace: Duration::from_secs(grace),
                 forward,
                 tenants,
+                warnings: self.warnings,
             })
         } else {
             Err(self.errors)
@@ -395,6 +452,7 @@ impl Loader {
             }
             h
         });
+        let host_given = raw.host.is_some();
         let host = raw.host.and_then(|h| match HostPattern::parse(&h) {
             Ok(p) => Some(p),
             Err(msg) => {
@@ -402,7 +460,7 @@ impl Loader {
                 None
             }
         });
-        if header.is_none() && host.is_none() {
+        if header.is_none() && !host_given {
             self.err("tenant", "set at least one of `header` and `host`");
         }
         TenantSources { header, host }
@@ -463,9 +521,26 @@ impl Loader {
                 cache
             }
         };
-        match raw.kind.as_str() {
+        let name = if p == "directory" {
+            "default".to_string()
+        } else {
+            p.split('.').nth(1).unwrap_or(p).to_string()
+        };
+        let normalize = self.normalize(p, raw.normalize.as_deref().unwrap_or(&[]));
+        let breaker = self.breaker(p, raw.breaker.clone().unwrap_or_default());
+        let kind = match raw.kind.as_str() {
             "file" => {
-                for (field, set) in [("url", raw.url.is_some()), ("timeout_ms", raw.timeout_ms.is_some())] {
+                for (field, set) in [
+                    ("url", raw.url.is_some()),
+                    ("timeout_ms", raw.timeout_ms.is_some()),
+                    ("connect_timeout_ms", raw.connect_timeout_ms.is_some()),
+                    ("headers", raw.headers.is_some()),
+                    ("ca_file", raw.ca_file.is_some()),
+                    ("max_response_bytes", raw.max_response_bytes.is_some()),
+                    ("match", raw.match_by.is_some()),
+                    ("roles_from", raw.roles_from.is_some()),
+                    ("breaker", raw.breaker.is_some()),
+                ] {
                     if set {
                         self.err(format!("{p}.{field}"), "not used by `kind: file`");
                     }
@@ -496,23 +571,180 @@ impl Loader {
                         parsed
                     }
                 }?;
-                Some(DirectoryConfig { kind: DirectoryKind::File { path: full, users }, cache })
+                DirectoryKind::File { path: full, users }
             }
             "http" | "scim" => {
-                self.err(
-                    format!("{p}.kind"),
-                    format!(
-                        "`{}` directories are not available in this version of subguard (use `file`)",
-                        raw.kind
-                    ),
-                );
-                None
+                for (field, set) in [("path", raw.path.is_some())] {
+                    if set {
+                        self.err(format!("{p}.{field}"), format!("not used by `kind: {}`", raw.kind));
+                    }
+                }
+                let http = self.http_settings(p, raw)?;
+                let Some(url) = raw.url.as_deref() else {
+                    self.err(format!("{p}.url"), format!("`kind: {}` needs `url`", raw.kind));
+                    return None;
+                };
+                if raw.kind == "http" {
+                    for (field, set) in
+                        [("match", raw.match_by.is_some()), ("roles_from", raw.roles_from.is_some())]
+                    {
+                        if set {
+                            self.err(format!("{p}.{field}"), "only used by `kind: scim`");
+                        }
+                    }
+                    match UrlTemplate::parse(url) {
+                        Ok(url) => DirectoryKind::Http { url, http },
+                        Err(msg) => {
+                            self.err(format!("{p}.url"), msg);
+                            return None;
+                        }
+                    }
+                } else {
+                    let match_by = match raw.match_by.as_deref() {
+                        None => ScimMatch::UserName,
+                        Some(m) => match ScimMatch::parse(m) {
+                            Some(m) => m,
+                            None => {
+                                self.err(
+                                    format!("{p}.match"),
+                                    format!("unknown `{m}`, expected userName, externalId or id"),
+                                );
+                                return None;
+                            }
+                        },
+                    };
+                    let roles_from = match raw.roles_from.as_deref() {
+                        None | Some("groups") => RolesFrom::Groups,
+                        Some("roles") => RolesFrom::Roles,
+                        Some(r) => {
+                            self.err(
+                                format!("{p}.roles_from"),
+                                format!("unknown `{r}`, expected groups or roles"),
+                            );
+                            return None;
+                        }
+                    };
+                    let sample = url.replace("{tenant}", "tenant");
+                    match reqwest::Url::parse(&sample) {
+                        Ok(u) if matches!(u.scheme(), "http" | "https") && !url.contains("{sub}") => {}
+                        _ => {
+                            self.err(
+                                format!("{p}.url"),
+                                format!("`{url}` must be the SCIM base URL (http or https, no {{sub}}), e.g. https://idp.example.com/scim/v2"),
+                            );
+                            return None;
+                        }
+                    }
+                    DirectoryKind::Scim { base: url.to_string(), match_by, roles_from, http }
+                }
             }
             other => {
                 self.err(format!("{p}.kind"), format!("unknown kind `{other}`, expected file, http or scim"));
-                None
+                return None;
+            }
+        };
+        Some(DirectoryConfig { name, kind, cache, breaker, normalize })
+    }
+
+    fn normalize(&mut self, p: &str, names: &[String]) -> Normalize {
+        let mut n = Normalize::default();
+        for (i, name) in names.iter().enumerate() {
+            match name.as_str() {
+                "trim" => n.trim = true,
+                "lowercase" => n.lowercase = true,
+                other => self.err(
+                    format!("{p}.normalize[{i}]"),
+                    format!("unknown `{other}`, expected trim or lowercase"),
+                ),
             }
         }
+        n
+    }
+
+    fn breaker(&mut self, p: &str, raw: raw::Breaker) -> BreakerSettings {
+        let d = BreakerSettings::default();
+        let cooldown = raw.cooldown_ms.map(Duration::from_millis).unwrap_or(d.cooldown);
+        if cooldown.is_zero() {
+            self.err(format!("{p}.breaker.cooldown_ms"), "must be greater than 0");
+        }
+        BreakerSettings { failure_threshold: raw.failure_threshold.unwrap_or(d.failure_threshold), cooldown }
+    }
+
+    /// Timeouts, headers (secrets from files or the environment), CA bundle, size limit.
+    fn http_settings(&mut self, p: &str, raw: &raw::Directory) -> Option<HttpSettings> {
+        let before = self.errors.len();
+        let timeout = Duration::from_millis(raw.timeout_ms.unwrap_or(250));
+        let connect_timeout = Duration::from_millis(raw.connect_timeout_ms.unwrap_or(100));
+        if timeout.is_zero() {
+            self.err(format!("{p}.timeout_ms"), "must be greater than 0");
+        }
+        if connect_timeout.is_zero() {
+            self.err(format!("{p}.connect_timeout_ms"), "must be greater than 0");
+        }
+        let max_response_bytes = raw.max_response_bytes.unwrap_or(64 * 1024);
+        if max_response_bytes == 0 {
+            self.err(format!("{p}.max_response_bytes"), "must be greater than 0");
+        }
+        let mut headers = Vec::new();
+        for (name, src) in raw.headers.iter().flatten() {
+            let hp = format!("{p}.headers.{name}");
+            let lower = name.to_ascii_lowercase();
+            if !is_header_name(&lower) {
+                self.err(hp.clone(), "not a valid HTTP header name");
+                continue;
+            }
+            let sources = [src.value.is_some(), src.from_file.is_some(), src.from_env.is_some()];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                self.err(hp, "set exactly one of `value`, `from_file` and `from_env`");
+                continue;
+            }
+            let value = if let Some(v) = &src.value {
+                v.clone()
+            } else if let Some(f) = &src.from_file {
+                match std::fs::read_to_string(self.resolve(f)) {
+                    Ok(v) => v.trim_end_matches(['\n', '\r']).to_string(),
+                    Err(e) => {
+                        self.err(format!("{hp}.from_file"), format!("{}: {f}", io_reason(&e)));
+                        continue;
+                    }
+                }
+            } else {
+                let var = src.from_env.as_deref().unwrap_or_default();
+                match std::env::var(var) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        self.err(
+                            format!("{hp}.from_env"),
+                            format!("environment variable `{var}` is not set"),
+                        );
+                        continue;
+                    }
+                }
+            };
+            let value = format!("{}{value}", src.prefix.as_deref().unwrap_or(""));
+            if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+                self.err(hp, "the value contains control characters");
+                continue;
+            }
+            headers.push((lower, value));
+        }
+        let ca_pem = match &raw.ca_file {
+            None => None,
+            Some(f) => match std::fs::read(self.resolve(f)) {
+                Ok(pem) => Some(pem),
+                Err(e) => {
+                    self.err(format!("{p}.ca_file"), format!("{}: {f}", io_reason(&e)));
+                    None
+                }
+            },
+        };
+        let settings = HttpSettings { timeout, connect_timeout, headers, ca_pem, max_response_bytes };
+        if self.errors.len() == before
+            && let Err(msg) = crate::directory::http::DirectoryClient::new(&settings)
+        {
+            self.err(if msg.contains("CA") { format!("{p}.ca_file") } else { p.to_string() }, msg);
+        }
+        (self.errors.len() == before).then_some(settings)
     }
 
     fn tenant(
@@ -593,7 +825,15 @@ impl Loader {
                     return None;
                 }
                 Ok(bytes) => match KeySet::from_jwks(&bytes) {
-                    Ok(set) => KeySource::File { path, initial: Arc::new(set) },
+                    Ok(set) => {
+                        for skipped in &set.skipped {
+                            self.warnings.push(ConfigError::new(
+                                format!("{ip}.jwks_file"),
+                                format!("key skipped: {skipped}"),
+                            ));
+                        }
+                        KeySource::File { path, initial: Arc::new(set) }
+                    }
                     Err(e) => {
                         self.err(format!("{ip}.jwks_file"), format!("{}: {e}", path.display()));
                         return None;

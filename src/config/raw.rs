@@ -59,10 +59,43 @@ pub struct Cache {
 #[serde(deny_unknown_fields)]
 pub struct Directory {
     pub kind: String,
+    /// `file`: the users file.
     pub path: Option<String>,
+    /// `http`: the URL template; `scim`: the SCIM base URL.
     pub url: Option<String>,
     pub timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    /// Request headers, each from a literal, a file or an environment variable.
+    pub headers: Option<std::collections::BTreeMap<String, HeaderSource>>,
+    /// PEM bundle of extra trusted CA certificates.
+    pub ca_file: Option<String>,
+    pub max_response_bytes: Option<usize>,
+    /// `scim`: `userName` (default), `externalId` or `id`.
+    #[serde(rename = "match")]
+    pub match_by: Option<String>,
+    /// `scim`: `groups` (default, `groups[].display`) or `roles` (`roles[].value`).
+    pub roles_from: Option<String>,
+    /// Sub normalisation before lookup: `trim`, `lowercase`.
+    pub normalize: Option<Vec<String>>,
+    pub breaker: Option<Breaker>,
     pub cache: Option<Cache>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderSource {
+    pub value: Option<String>,
+    pub from_file: Option<String>,
+    pub from_env: Option<String>,
+    /// Prepended to the value, e.g. `"Bearer "`.
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Breaker {
+    pub failure_threshold: Option<u32>,
+    pub cooldown_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

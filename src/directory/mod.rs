@@ -3,13 +3,26 @@
 //! A [`Directory`] answers one question per (tenant, sub): the user exists ([`Lookup::Found`]),
 //! the directory says it does not ([`Lookup::NotFound`]), or the directory could not be asked
 //! ([`DirectoryError`]). The last two are never confused: an outage is `directory_unavailable`,
-//! never `user_not_found`. Tenants never share answers: every lookup names its tenant.
+//! never `user_not_found`. Tenants never share answers: every lookup and cache key names its tenant.
+//!
+//! Remote kinds (`http`, `scim`) sit behind a [`cache::DirectoryCache`] and a
+//! [`breaker::Breaker`]; the file directory is in memory and needs neither.
 
+pub mod breaker;
+pub mod cache;
 pub mod file;
+pub mod http;
+pub mod scim;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 pub use file::FileDirectory;
+
+use crate::config::{DirectoryConfig, DirectoryKind, Normalize};
+use crate::telemetry::Metrics;
+use breaker::{Breaker, Permit};
+use cache::{DirectoryCache, Served};
 
 /// A user as the directory knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,23 +48,145 @@ pub enum Lookup {
 #[error("directory unavailable: {0}")]
 pub struct DirectoryError(pub String);
 
-/// A tenant's directory.
+/// Where lookups go.
 #[derive(Debug)]
-pub enum Directory {
+pub enum Backend {
     File(FileDirectory),
+    Http(http::HttpDirectory),
+    Scim(scim::ScimDirectory),
+}
+
+impl Backend {
+    async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, DirectoryError> {
+        match self {
+            Backend::File(f) => Ok(f.lookup(tenant, sub)),
+            Backend::Http(h) => h.fetch(tenant, sub).await,
+            Backend::Scim(s) => s.fetch(tenant, sub).await,
+        }
+    }
+}
+
+/// One answer with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub result: Result<Lookup, DirectoryError>,
+    pub served: Served,
+}
+
+/// A directory as the pipeline uses it: normalisation, cache, breaker, backend.
+#[derive(Debug)]
+pub struct Directory {
+    /// `default` or the tenant that configured it.
+    name: Arc<str>,
+    backend: Backend,
+    cache: Option<DirectoryCache>,
+    breaker: Breaker,
+    normalize: Normalize,
+    metrics: Arc<Metrics>,
 }
 
 impl Directory {
-    pub async fn lookup(&self, tenant: &str, sub: &str) -> Result<Lookup, DirectoryError> {
-        match self {
-            Directory::File(f) => Ok(f.lookup(tenant, sub)),
-        }
+    /// Builds the runtime directory for a validated config.
+    pub fn build(config: &DirectoryConfig, metrics: Arc<Metrics>) -> Result<Directory, String> {
+        let (backend, remote) = match &config.kind {
+            DirectoryKind::File { path, users } => {
+                (Backend::File(FileDirectory::new(path.clone(), users.clone())), false)
+            }
+            DirectoryKind::Http { url, http } => {
+                (Backend::Http(http::HttpDirectory::new(url.clone(), http)?), true)
+            }
+            DirectoryKind::Scim { base, match_by, roles_from, http } => {
+                (Backend::Scim(scim::ScimDirectory::new(base, *match_by, *roles_from, http)?), true)
+            }
+        };
+        Ok(Directory {
+            name: Arc::from(config.name.as_str()),
+            backend,
+            cache: remote.then(|| DirectoryCache::new(config.cache)),
+            breaker: Breaker::new(config.breaker),
+            normalize: config.normalize,
+            metrics,
+        })
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    pub fn cache(&self) -> Option<&DirectoryCache> {
+        self.cache.as_ref()
+    }
+
+    /// The sub as this directory compares it (`normalize: [trim, lowercase]`).
+    pub fn normalize<'a>(&self, sub: &'a str) -> std::borrow::Cow<'a, str> {
+        self.normalize.apply(sub)
     }
 
     /// Where lookups go, for logs and `explain`.
-    pub fn describe(&self) -> String {
-        match self {
-            Directory::File(f) => format!("file {}", f.path().display()),
+    pub fn describe(&self, tenant: &str, sub: &str) -> String {
+        match &self.backend {
+            Backend::File(f) => format!("file {} (tenant {tenant})", f.path().display()),
+            Backend::Http(h) => h.describe(tenant, sub),
+            Backend::Scim(s) => s.describe(tenant, sub),
         }
+    }
+
+    /// Resolves `sub` in `tenant`. Counts `subguard_directory_lookups_total` and logs the outcome.
+    pub async fn lookup(&self, tenant: &Arc<str>, sub: &str) -> Answer {
+        let sub = self.normalize(sub);
+        let started = Instant::now();
+        let answer = match &self.cache {
+            None => Answer { result: self.backend.fetch(tenant, &sub).await, served: Served::Directory },
+            Some(cache) => {
+                let key = (tenant.clone(), Arc::from(sub.as_ref()));
+                let (result, served) = cache.get_or_load(key, self.guarded_fetch(tenant, &sub)).await;
+                Answer { result, served }
+            }
+        };
+        let outcome = match (&answer.result, answer.served) {
+            (Ok(_), Served::CacheHit) => "cache_hit",
+            (Ok(_), Served::Stale) => "stale",
+            (Ok(Lookup::Found(_)), _) => "found",
+            (Ok(Lookup::NotFound), _) => "not_found",
+            (Err(_), _) => "error",
+        };
+        self.metrics.directory_lookup(tenant, outcome);
+        if !matches!(self.backend, Backend::File(_)) && answer.served != Served::CacheHit {
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            match &answer.result {
+                Err(e) => {
+                    tracing::warn!(tenant = &**tenant, sub = &*sub, outcome, error = %e.0, ms, "directory lookup")
+                }
+                Ok(_) if answer.served == Served::Stale => {
+                    tracing::warn!(
+                        tenant = &**tenant,
+                        sub = &*sub,
+                        outcome,
+                        ms,
+                        "directory lookup failed; serving stale user"
+                    )
+                }
+                Ok(_) => tracing::debug!(tenant = &**tenant, sub = &*sub, outcome, ms, "directory lookup"),
+            }
+        }
+        answer
+    }
+
+    /// A backend call that respects the breaker.
+    async fn guarded_fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, DirectoryError> {
+        let permit = self.breaker.acquire();
+        if permit == Permit::Rejected {
+            return Err(DirectoryError("circuit breaker open after repeated failures".into()));
+        }
+        let result = self.backend.fetch(tenant, sub).await;
+        if let Some(state) = self.breaker.record(&permit, result.is_ok()) {
+            self.metrics.breaker_changed(&self.name, state);
+            tracing::warn!(directory = &*self.name, tenant, state = ?state, "directory circuit breaker changed state");
+        }
+        result
+    }
+
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 }

@@ -465,7 +465,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// The HTTP client for key fetches: rustls, no redirects to non-https places.
 pub fn http_client(settings: &KeySettings) -> reqwest::Client {
     let policy = reqwest::redirect::Policy::custom(|attempt| {
-        if attempt.previous().len() >= 3 {
+        // `previous()` holds every URL visited so far, the original included: at most 3 redirects.
+        if attempt.previous().len() > 3 {
             attempt.error("too many redirects")
         } else if url_is_allowed(attempt.url().as_str()).is_err() {
             attempt.error("redirect to a URL that is not https")

@@ -67,7 +67,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let listen = config.listen.clone();
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let policy = Policy::build(config, metrics.clone());
+    let policy = Policy::build(config, metrics.clone()).map_err(|e| anyhow::anyhow!(e))?;
     policy.start_key_refresh();
     let state = State::new(policy, metrics, registry);
 
@@ -97,9 +97,18 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
         }
         ListenAddr::Unix(path) => {
-            // A socket file left by a previous run would make bind fail.
-            if path.exists() {
-                let _ = std::fs::remove_file(path);
+            // A socket left by a previous run would make bind fail; anything else at that path is
+            // not ours to delete.
+            use std::os::unix::fs::FileTypeExt;
+            match std::fs::symlink_metadata(path) {
+                Ok(m) if m.file_type().is_socket() => {
+                    let _ = std::fs::remove_file(path);
+                }
+                Ok(_) => anyhow::bail!(
+                    "listen.grpc unix://{}: a file that is not a socket is in the way",
+                    path.display()
+                ),
+                Err(_) => {}
             }
             let listener = UnixListener::bind(path)
                 .map_err(|e| anyhow::anyhow!("listen.grpc unix://{}: {e}", path.display()))?;

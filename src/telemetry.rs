@@ -18,7 +18,9 @@ pub fn init(format: LogFormat) {
         },
         _ => (EnvFilter::new("info"), None),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout).with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().with_current_span(false).init(),
         LogFormat::Text => builder.init(),
@@ -95,7 +97,7 @@ pub struct Metrics {
     directory_lookups: Family<DirectoryLabels, Counter>,
     jwks_fetches: Family<JwksLabels, Counter>,
     breaker_state: Family<BreakerLabels, Gauge>,
-    pub config_reloads: Family<ReloadLabels, Counter>,
+    config_reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Metrics {
@@ -178,6 +180,10 @@ impl Metrics {
             BreakerState::HalfOpen => 2,
         };
         self.breaker_state.get_or_create(&BreakerLabels { directory: directory.to_string() }).set(v);
+    }
+
+    pub fn config_reloaded(&self, ok: bool) {
+        self.config_reloads.get_or_create(&ReloadLabels { outcome: if ok { "ok" } else { "error" } }).inc();
     }
 
     pub fn directory_lookup(&self, tenant: &str, outcome: &'static str) {

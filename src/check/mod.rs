@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use jsonwebtoken::crypto;
 
-use crate::config::{Config, Forward, TenantSources, TokenSettings};
+use crate::config::{Config, ConfigError, Forward, KeySource, TenantSources, TokenSettings};
 use crate::decision::{Decision, Identity, Outcome, Reason};
 use crate::directory::{Directory, Lookup};
 use crate::keys::{KeyMatch, KeyStore, http_client, spawn_refresh};
@@ -72,6 +72,17 @@ pub struct Policy {
 impl Policy {
     /// Builds the runtime objects (key stores, directories) for a validated config. Starts no task.
     pub fn build(config: Config, metrics: Arc<Metrics>) -> Result<Policy, String> {
+        Self::build_reusing(config, metrics, None)
+    }
+
+    /// Like [`Policy::build`], reusing from `previous` every directory whose settings did not
+    /// change (so its cache survives a reload) and every remote key store whose source did not
+    /// change (so its keys need no re-fetch).
+    pub fn build_reusing(
+        config: Config,
+        metrics: Arc<Metrics>,
+        previous: Option<&Policy>,
+    ) -> Result<Policy, String> {
         let client = http_client(&config.keys);
         // The default directory is shared by the tenants that have none of their own (its cache
         // keys carry the tenant, so sharing never mixes answers).
@@ -81,10 +92,13 @@ impl Policy {
             let directory = match directories.get(&tc.directory.name) {
                 Some(d) => d.clone(),
                 None => {
-                    let d = Arc::new(
-                        Directory::build(&tc.directory, metrics.clone())
-                            .map_err(|e| format!("tenants.{name}.directory: {e}"))?,
-                    );
+                    let d = match previous.and_then(|p| p.directory_like(&tc.directory)) {
+                        Some(d) => d,
+                        None => Arc::new(
+                            Directory::build(&tc.directory, metrics.clone())
+                                .map_err(|e| format!("tenants.{name}.directory: {e}"))?,
+                        ),
+                    };
                     directories.insert(tc.directory.name.clone(), d.clone());
                     d
                 }
@@ -94,17 +108,20 @@ impl Policy {
                 .iter()
                 .map(|ic| {
                     let iss: Arc<str> = Arc::from(ic.issuer.as_str());
+                    let reused = previous.and_then(|p| p.key_store_like(name, ic, &config.keys));
                     Issuer {
                         iss: iss.clone(),
                         audiences: ic.audiences.clone(),
                         algorithms: ic.algorithms.clone(),
-                        keys: Arc::new(KeyStore::new(
-                            iss,
-                            ic.keys.clone(),
-                            config.keys,
-                            client.clone(),
-                            metrics.clone(),
-                        )),
+                        keys: reused.unwrap_or_else(|| {
+                            Arc::new(KeyStore::new(
+                                iss,
+                                ic.keys.clone(),
+                                config.keys,
+                                client.clone(),
+                                metrics.clone(),
+                            ))
+                        }),
                     }
                 })
                 .collect();
@@ -120,6 +137,61 @@ impl Policy {
             config: Arc::new(config),
             metrics,
         })
+    }
+
+    /// This policy's directory built from exactly these settings, if any.
+    fn directory_like(&self, wanted: &crate::config::DirectoryConfig) -> Option<Arc<Directory>> {
+        self.config
+            .tenants
+            .iter()
+            .find(|(_, t)| t.directory == *wanted)
+            .and_then(|(name, _)| self.tenants.get(name).map(|t| t.directory.clone()))
+    }
+
+    /// This policy's key store for the same tenant and issuer with the same remote source.
+    fn key_store_like(
+        &self,
+        tenant: &str,
+        wanted: &crate::config::IssuerConfig,
+        settings: &crate::config::KeySettings,
+    ) -> Option<Arc<KeyStore>> {
+        if self.config.keys != *settings {
+            return None;
+        }
+        let old = self.tenants.get(tenant)?.issuer(&wanted.issuer)?;
+        let same = match (old.keys.source(), &wanted.keys) {
+            (KeySource::Uri(a), KeySource::Uri(b)) => a == b,
+            (KeySource::Discovery, KeySource::Discovery) => true,
+            // Key files are re-read by the reload itself: a new store carries the new keys.
+            _ => false,
+        };
+        same.then(|| old.keys.clone())
+    }
+
+    /// Fetches the keys of every issuer that has none yet (a new issuer after a reload), all at
+    /// once. Any failure is reported with its issuer's YAML path.
+    pub async fn fetch_missing_keys(&self) -> Result<(), Vec<ConfigError>> {
+        let mut fetches = tokio::task::JoinSet::new();
+        for (name, t) in &self.tenants {
+            for (i, issuer) in t.issuers.iter().enumerate() {
+                if !issuer.keys.is_ready() {
+                    let store = issuer.keys.clone();
+                    let path = format!("tenants.{name}.issuers[{i}]");
+                    fetches.spawn(async move {
+                        store.refresh().await.map_err(|e| ConfigError::new(path, e.to_string()))
+                    });
+                }
+            }
+        }
+        let mut errors = Vec::new();
+        while let Some(r) = fetches.join_next().await {
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => errors.push(e),
+                Err(e) => errors.push(ConfigError::new("", format!("key fetch task failed: {e}"))),
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
     /// Every key store, once each.

@@ -151,7 +151,7 @@ impl Default for CacheSettings {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DirectoryKind {
     /// The users file, held in memory.
     File { path: PathBuf, users: Arc<UsersFile> },
@@ -181,7 +181,7 @@ impl Normalize {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectoryConfig {
     /// `default` for the top-level directory, else the tenant's name (metrics, logs).
     pub name: String,
@@ -209,6 +209,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub forward: Forward,
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// Further files the config read (header secrets, CA bundles): watched for reload.
+    pub extra_files: Vec<PathBuf>,
     /// Problems that do not stop the config from working (a skipped JWKS key, users of a tenant
     /// that is not configured): printed by `validate`, logged by `serve`.
     pub warnings: Vec<ConfigError>,
@@ -246,13 +248,15 @@ pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
 pub fn from_yaml(text: &str, path: &Path, base: &Path) -> Result<Config, Vec<ConfigError>> {
     let doc: Value =
         serde_saphyr::from_str(text).map_err(|e| vec![ConfigError::new("", format!("invalid YAML: {e}"))])?;
-    Loader { base: base.to_path_buf(), errors: Vec::new(), warnings: Vec::new() }.load(doc, path)
+    Loader { base: base.to_path_buf(), errors: Vec::new(), warnings: Vec::new(), extra_files: Vec::new() }
+        .load(doc, path)
 }
 
 struct Loader {
     base: PathBuf,
     errors: Vec<ConfigError>,
     warnings: Vec<ConfigError>,
+    extra_files: Vec<PathBuf>,
 }
 
 const TOP_LEVEL_KEYS: [&str; 9] = [
@@ -407,6 +411,7 @@ impl Loader {
                 forward,
                 tenants,
                 warnings: self.warnings,
+                extra_files: self.extra_files,
             })
         } else {
             Err(self.errors)
@@ -701,6 +706,7 @@ impl Loader {
             let value = if let Some(v) = &src.value {
                 v.clone()
             } else if let Some(f) = &src.from_file {
+                self.extra_files.push(self.resolve(f));
                 match std::fs::read_to_string(self.resolve(f)) {
                     Ok(v) => v.trim_end_matches(['\n', '\r']).to_string(),
                     Err(e) => {
@@ -730,7 +736,10 @@ impl Loader {
         }
         let ca_pem = match &raw.ca_file {
             None => None,
-            Some(f) => match std::fs::read(self.resolve(f)) {
+            Some(f) => match std::fs::read({
+                self.extra_files.push(self.resolve(f));
+                self.resolve(f)
+            }) {
                 Ok(pem) => Some(pem),
                 Err(e) => {
                     self.err(format!("{p}.ca_file"), format!("{}: {f}", io_reason(&e)));

@@ -136,7 +136,7 @@ pub struct DirectoryClient {
 }
 
 /// Settings shared by the HTTP and SCIM kinds.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct HttpSettings {
     pub timeout: Duration,
     pub connect_timeout: Duration,

@@ -280,6 +280,8 @@ pub struct KeyStore {
     /// Where the keys last came from (a JWKS URL after discovery), for logs and `explain`.
     resolved_from: ArcSwapOption<String>,
     metrics: Arc<Metrics>,
+    /// Set once the background refresh task runs (a store reused by a reload keeps its task).
+    refreshing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -309,6 +311,7 @@ impl KeyStore {
             last_refetch: tokio::sync::Mutex::new(None),
             resolved_from: ArcSwapOption::empty(),
             metrics,
+            refreshing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -485,7 +488,10 @@ pub fn http_client(settings: &KeySettings) -> reqwest::Client {
 /// Keeps a store fresh: until it has keys, retries with backoff (1 s doubling to 30 s, capped by
 /// the refresh period); then refreshes every `refresh` period. Ends when the store is dropped
 /// (a reload replaced it).
-pub fn spawn_refresh(store: &Arc<KeyStore>) -> tokio::task::JoinHandle<()> {
+pub fn spawn_refresh(store: &Arc<KeyStore>) {
+    if store.refreshing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
     let weak: Weak<KeyStore> = Arc::downgrade(store);
     let period = store.settings.refresh;
     tokio::spawn(async move {
@@ -510,7 +516,7 @@ pub fn spawn_refresh(store: &Arc<KeyStore>) -> tokio::task::JoinHandle<()> {
             drop(store);
             tokio::time::sleep(wait).await;
         }
-    })
+    });
 }
 
 /// Signs and verifies a throwaway token at startup, so a crypto-backend mix-up (jsonwebtoken

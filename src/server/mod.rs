@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod grpc;
+pub mod reload;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,8 +64,8 @@ const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 /// Runs the sidecar until `shutdown` resolves, then drains. Returns an error only if a listener
 /// cannot be bound.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let grace = config.shutdown_grace;
     let listen = config.listen.clone();
+    let config_path = config.path.clone();
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let policy = Policy::build(config, metrics.clone()).map_err(|e| anyhow::anyhow!(e))?;
@@ -154,7 +155,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         })
     };
 
+    let reloader = reload::spawn(state.clone(), config_path);
+
     shutdown.await;
+    reloader.abort();
+    // The grace period of the config serving now (a reload may have changed it).
+    let grace = state.policy.load().config.shutdown_grace;
     tracing::info!(
         grace_seconds = grace.as_secs(),
         "shutting down: readiness down, draining in-flight checks"

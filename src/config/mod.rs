@@ -102,6 +102,16 @@ pub struct Forward {
     pub strip_authorization: bool,
 }
 
+/// How `directory_unavailable`, `keys_unavailable` and `internal_error` reach Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutageResponse {
+    /// A denial with the 503/500 response (default): the client sees subguard's reason.
+    Deny,
+    /// `CheckResponse.error_response` (Envoy >= 1.37): Envoy treats it as an authorization-service
+    /// error and applies `failure_mode_allow` / `status_on_error`.
+    Error,
+}
+
 /// Where an issuer's verification keys come from.
 #[derive(Debug, Clone)]
 pub enum KeySource {
@@ -208,6 +218,7 @@ pub struct Config {
     pub keys: KeySettings,
     pub shutdown_grace: Duration,
     pub forward: Forward,
+    pub outage_response: OutageResponse,
     pub tenants: BTreeMap<String, TenantConfig>,
     /// Further files the config read (header secrets, CA bundles): watched for reload.
     pub extra_files: Vec<PathBuf>,
@@ -259,7 +270,7 @@ struct Loader {
     extra_files: Vec<PathBuf>,
 }
 
-const TOP_LEVEL_KEYS: [&str; 9] = [
+const TOP_LEVEL_KEYS: [&str; 10] = [
     "listen",
     "tenant",
     "token",
@@ -269,6 +280,7 @@ const TOP_LEVEL_KEYS: [&str; 9] = [
     "forward",
     "tenants",
     "revocation",
+    "outage_response",
 ];
 
 impl Loader {
@@ -317,6 +329,17 @@ impl Loader {
         let grace: u64 = take("shutdown_grace_seconds")
             .and_then(|v| self.section("shutdown_grace_seconds", v))
             .unwrap_or(10);
+        let outage_response = match take("outage_response")
+            .and_then(|v| self.section::<String>("outage_response", v))
+            .as_deref()
+        {
+            None | Some("deny") => OutageResponse::Deny,
+            Some("error") => OutageResponse::Error,
+            Some(other) => {
+                self.err("outage_response", format!("unknown `{other}`, expected deny or error"));
+                OutageResponse::Deny
+            }
+        };
         let forward_raw: raw::Forward =
             take("forward").and_then(|v| self.section("forward", v)).unwrap_or_default();
         let default_dir_raw: Option<raw::Directory> =
@@ -409,6 +432,7 @@ impl Loader {
                 keys,
                 shutdown_grace: Duration::from_secs(grace),
                 forward,
+                outage_response,
                 tenants,
                 warnings: self.warnings,
                 extra_files: self.extra_files,

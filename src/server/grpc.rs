@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 
 use super::State;
 use crate::check::{Policy, RequestView};
+use crate::config::OutageResponse;
 use crate::decision::{Decision, Outcome, Reason};
 
 /// The dynamic-metadata namespace Envoy files ext_authz metadata under.
@@ -241,17 +242,23 @@ pub fn render(d: &Decision, policy: &Policy, request_id: Option<&str>) -> CheckR
         }
         Outcome::Deny(reason) => {
             let tenant = d.tenant.as_deref();
+            let denied = DeniedHttpResponse {
+                status: Some(HttpStatus { code: i32::from(reason.http_status()) }),
+                headers: deny_headers(*reason, tenant).into_iter().map(|(k, v)| header(k, v)).collect(),
+                body: deny_body(*reason, tenant, request_id),
+            };
+            let as_error = reason.is_outage() && policy.config.outage_response == OutageResponse::Error;
             CheckResponse {
                 status: Some(rpc::Status {
                     code: rpc_code(*reason),
                     message: reason.code().to_string(),
                     ..Default::default()
                 }),
-                http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-                    status: Some(HttpStatus { code: i32::from(reason.http_status()) }),
-                    headers: deny_headers(*reason, tenant).into_iter().map(|(k, v)| header(k, v)).collect(),
-                    body: deny_body(*reason, tenant, request_id),
-                })),
+                http_response: Some(if as_error {
+                    HttpResponse::ErrorResponse(denied)
+                } else {
+                    HttpResponse::DeniedResponse(denied)
+                }),
                 dynamic_metadata,
             }
         }

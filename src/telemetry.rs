@@ -22,7 +22,8 @@ pub fn init(format: LogFormat) {
     let builder =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout).with_ansi(ansi);
     match format {
-        LogFormat::Json => builder.json().with_current_span(false).init(),
+        // The current span (a check's request_id, trace_id, tenant, reason) rides on every line.
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
         LogFormat::Text => builder.init(),
     }
     if let Some(msg) = bad {

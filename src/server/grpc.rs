@@ -20,6 +20,7 @@ use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::State;
 use crate::check::{Policy, RequestView};
@@ -128,13 +129,42 @@ impl Authorization for AuthorizationService {
         let _in_flight = metrics.check_started();
         let req = request.into_inner();
         let view = EnvoyRequest::new(&req);
-        let policy = self.state.policy.load_full();
-        let decision = policy.check(&view, unix_now()).await;
         let request_id = view.request_id();
+        // One span per check; it joins the caller's W3C trace when the request carries one, so
+        // every log line of the check (directory, keys) can be found by trace or request id.
+        let span = tracing::info_span!(
+            "check",
+            request_id = request_id.unwrap_or(""),
+            trace_id = view.header("traceparent").and_then(trace_id).unwrap_or(""),
+            tenant = tracing::field::Empty,
+            reason = tracing::field::Empty,
+        );
+        let policy = self.state.policy.load_full();
+        let decision = policy.check(&view, unix_now()).instrument(span.clone()).await;
+        span.record("tenant", decision.tenant.as_deref().unwrap_or(""));
+        span.record("reason", decision.reason_code());
         let response = render(&decision, &policy, request_id);
-        metrics.check_finished(&decision, request_id, started.elapsed());
+        span.in_scope(|| metrics.check_finished(&decision, request_id, started.elapsed()));
         Ok(Response::new(response))
     }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well-formed and not
+/// all zeros.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && (version != "00" || parts.next().is_none());
+    valid.then_some(trace)
 }
 
 fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
@@ -262,5 +292,21 @@ pub fn render(d: &Decision, policy: &Policy, request_id: Option<&str>) -> CheckR
                 dynamic_metadata,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trace_id;
+
+    #[test]
+    fn traceparent_parsing() {
+        let t = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_id(t), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(trace_id("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
+        assert_eq!(trace_id("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"), None);
+        assert_eq!(trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"), None);
+        assert_eq!(trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x"), None);
+        assert_eq!(trace_id("garbage"), None);
     }
 }

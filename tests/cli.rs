@@ -1,0 +1,237 @@
+//! The command line of SPEC §1: `--version`, `validate`, and `serve`'s signals and shutdown.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::check::CheckCall;
+use common::directory_server::{Answer, DirectoryServer};
+use common::{Algorithm, ConfigDir, Subguard, TokenBuilder};
+use serde_json::json;
+
+const GOOD: &str = r#"
+listen:
+  grpc: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+tenant:
+  header: x-tenant-id
+directory:
+  kind: file
+  path: users.yaml
+tenants:
+  acme:
+    issuers:
+      - issuer: "https://idp.acme.test/"
+        audiences: ["orders"]
+        algorithms: ["RS256"]
+        jwks_file: keys/issuer-a.jwks.json
+"#;
+
+const USERS: &str = "acme:\n  - sub: u-1\n";
+
+fn subguard(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_subguard"));
+    cmd.args(args).env_remove("SUBGUARD_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running subguard")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn version() {
+    let out = subguard(&["--version"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(env!("CARGO_PKG_VERSION")), "{}", text(&out));
+}
+
+#[test]
+fn validate_a_good_config_prints_ok() {
+    let dir = ConfigDir::with(GOOD, USERS);
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+#[test]
+fn validate_takes_the_path_from_subguard_config() {
+    let dir = ConfigDir::with(GOOD, USERS);
+    let out = subguard(&["validate"], &[("SUBGUARD_CONFIG", dir.config_path().to_str().unwrap())]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+#[test]
+fn validate_names_the_yaml_path_of_each_error() {
+    let bad = GOOD.replace("keys/issuer-a.jwks.json", "keys/missing.json");
+    let dir = ConfigDir::with(&bad, USERS);
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("tenants.acme.issuers[0].jwks_file: ")),
+        "expected a line `tenants.acme.issuers[0].jwks_file: ...`, got:\n{}",
+        text(&out)
+    );
+    assert!(!stdout.lines().any(|l| l.trim() == "ok"));
+}
+
+#[test]
+fn validate_reports_every_error_one_per_line() {
+    let bad = GOOD
+        .replace("keys/issuer-a.jwks.json", "keys/missing.json")
+        .replace(r#"algorithms: ["RS256"]"#, r#"algorithms: ["RS256", "XX999"]"#)
+        .replace("path: users.yaml", "path: no-such-users.yaml");
+    let dir = ConfigDir::with(&bad, USERS);
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for path in ["tenants.acme.issuers[0].jwks_file", "tenants.acme.issuers[0].algorithms", "directory.path"]
+    {
+        assert!(stdout.lines().any(|l| l.starts_with(path)), "no error line for {path}:\n{}", text(&out));
+    }
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    // A typo must not silently weaken security.
+    for (typo, path) in [
+        (
+            GOOD.replace("  header: x-tenant-id", "  header: x-tenant-id\n  hots: \"{tenant}.x.test\""),
+            "tenant",
+        ),
+        (
+            GOOD.replace("        audiences:", "        audience: [\"x\"]\n        audiences:"),
+            "tenants.acme.issuers[0]",
+        ),
+        (format!("{GOOD}\nforward:\n  strip_authorisation: true\n"), "forward"),
+    ] {
+        let dir = ConfigDir::with(&typo, USERS);
+        let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(path), "the error names {path}:\n{}", text(&out));
+    }
+}
+
+#[test]
+fn key_urls_must_be_https_except_on_loopback() {
+    let with_uri =
+        |uri: &str| GOOD.replace("jwks_file: keys/issuer-a.jwks.json", &format!("jwks_uri: \"{uri}\""));
+    for uri in ["http://idp.example.com/jwks", "http://10.0.0.7/jwks", "ftp://idp.example.com/jwks"] {
+        let dir = ConfigDir::with(&with_uri(uri), USERS);
+        let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(1), "{uri} must be refused: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with("tenants.acme.issuers[0].jwks_uri")),
+            "{}",
+            text(&out)
+        );
+    }
+    for uri in [
+        "https://idp.example.com/jwks",
+        "http://127.0.0.1:1/jwks",
+        "http://127.3.4.5/jwks",
+        "http://localhost:1/jwks",
+        "http://[::1]:1/jwks",
+    ] {
+        let dir = ConfigDir::with(&with_uri(uri), USERS);
+        let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(0), "{uri} is allowed: {}", text(&out));
+    }
+}
+
+#[test]
+fn serve_refuses_an_invalid_config() {
+    let dir = ConfigDir::with(&GOOD.replace("keys/issuer-a.jwks.json", "keys/missing.json"), USERS);
+    let started = Instant::now();
+    let out = subguard(&["serve", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn sigterm_and_sigint_exit_zero() {
+    for signal in ["TERM", "INT"] {
+        let mut sg = Subguard::start(GOOD, USERS);
+        sg.signal(signal);
+        let code = sg.wait_exit(Duration::from_secs(10));
+        assert_eq!(code, Some(0), "SIG{signal}: exit code; stdout:\n{}", sg.logs().join("\n"));
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_checks_finish() {
+    // A directory that takes 700 ms to answer keeps a check in flight across the signal.
+    let directory = DirectoryServer::start();
+    directory.set("u-slow", Answer::user(json!({"id": "slow-user"})).delayed(Duration::from_millis(700)));
+    let config = GOOD.replace(
+        "directory:\n  kind: file\n  path: users.yaml",
+        &format!(
+            "shutdown_grace_seconds: 5\ndirectory:\n  kind: http\n  url: \"{}\"\n  timeout_ms: 3000",
+            directory.url_template()
+        ),
+    );
+    let mut sg = Subguard::start(&config, USERS);
+    let mut client = sg.client().await;
+    let token = TokenBuilder::new("rsa-1", Algorithm::RS256)
+        .iss("https://idp.acme.test/")
+        .aud("orders")
+        .sub("u-slow")
+        .build();
+    let call = CheckCall::new().tenant("acme").bearer(&token);
+    let in_flight = tokio::spawn(async move { client.call(&call).await });
+    // Let the check reach the directory, then ask subguard to stop.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while directory.requests("acme", "u-slow") == 0 {
+        assert!(Instant::now() < deadline, "the check never reached the directory");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sg.signal("TERM");
+    let out = in_flight.await.unwrap();
+    assert!(out.allowed, "the in-flight check finished normally: {out:#?}");
+    assert_eq!(out.header("x-user-id"), Some("slow-user"));
+    assert_eq!(sg.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn logs_are_json_lines_by_default_and_text_on_request() {
+    let sg = Subguard::start(GOOD, USERS);
+    let logs = sg.logs();
+    assert!(!logs.is_empty());
+    for line in &logs {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+    }
+    drop(sg);
+
+    // `--log-format text` is for people: the same events, not JSON.
+    let dir = ConfigDir::with(GOOD, USERS);
+    let mut child = common::subguard::watched(std::path::Path::new(env!("CARGO_BIN_EXE_subguard")))
+        .args(["--log-format", "text", "serve", "--config"])
+        .arg(dir.config_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let watchdog = child.stdin.take();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(10)).expect("a log line in text format");
+    drop(watchdog);
+    let _ = child.wait();
+    assert!(serde_json::from_str::<serde_json::Value>(&first).is_err(), "text format printed JSON: {first}");
+}

@@ -1,0 +1,302 @@
+//! Issuer keys beyond the first read (SPEC §3 key lookup, §5 "Issuer keys"): `jwks_uri` and OIDC
+//! discovery against a fixture identity provider on loopback, a `jwks_file` rewritten on disk, and
+//! keys a token names itself (`jku`, `x5u`, `jwk`), which are never used.
+//!
+//! Each scenario gets its own IdP and subguard: they change the IdP's state.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::check::CheckCall;
+use common::{Algorithm, CheckClient, ConfigDir, JwksServer, Outcome, Subguard, TokenBuilder, jwks_text};
+use serde_json::{Value, json};
+
+const USERS: &str = r#"
+acme:
+  - sub: "u-1"
+    id: "user-one"
+"#;
+
+/// A config with one tenant (acme, tenant from `x-tenant-id`) and one issuer whose keys come from
+/// `key_source` (`jwks_uri: "..."` or `discovery: true`).
+fn config(issuer: &str, key_source: &str, min_refetch_seconds: u64) -> String {
+    format!(
+        r#"
+listen:
+  grpc: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+tenant:
+  header: x-tenant-id
+keys:
+  refresh_seconds: 300
+  min_refetch_seconds: {min_refetch_seconds}
+directory:
+  kind: file
+  path: users.yaml
+tenants:
+  acme:
+    issuers:
+      - issuer: "{issuer}"
+        audiences: ["orders"]
+        algorithms: ["RS256", "ES256"]
+        {key_source}
+"#
+    )
+}
+
+fn jwks_uri_config(idp: &JwksServer, min_refetch_seconds: u64) -> String {
+    config(ISS, &format!(r#"jwks_uri: "{}""#, idp.jwks_uri()), min_refetch_seconds)
+}
+
+const ISS: &str = "https://idp.acme.test/";
+
+fn token(kid: &str) -> String {
+    token_for(ISS, kid)
+}
+
+fn token_for(iss: &str, kid: &str) -> String {
+    TokenBuilder::new(kid, Algorithm::RS256).iss(iss).aud("orders").sub("u-1").build()
+}
+
+async fn ask(client: &mut CheckClient, token: &str) -> Outcome {
+    client.call(&CheckCall::new().tenant("acme").bearer(token)).await
+}
+
+#[track_caller]
+fn assert_reason(out: &Outcome, code: &str, status: u16) {
+    assert!(!out.allowed, "expected {code}, got {out:#?}");
+    assert_eq!(out.status, Some(status), "{out:#?}");
+    assert_eq!(out.header("x-subguard-reason"), Some(code), "{out:#?}");
+    assert_eq!(out.meta("reason"), Some(code), "{out:#?}");
+}
+
+#[track_caller]
+fn assert_allowed(out: &Outcome) {
+    assert!(out.allowed, "expected allow, got {out:#?}");
+    assert_eq!(out.header("x-user-id"), Some("user-one"), "{out:#?}");
+}
+
+/// Waits past the unknown-kid rate-limit window.
+fn wait_refetch_window(seconds: u64) {
+    std::thread::sleep(Duration::from_millis(seconds * 1000 + 150));
+}
+
+#[tokio::test]
+async fn jwks_uri_keys_are_fetched_at_start() {
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    let sg = Subguard::start(&jwks_uri_config(&idp, 10), USERS);
+    assert!(idp.jwks_requests() >= 1, "keys are fetched at start");
+    let mut client = sg.client().await;
+    assert_allowed(&ask(&mut client, &token("rsa-1")).await);
+    let es = TokenBuilder::new("ec-256", Algorithm::ES256).iss(ISS).aud("orders").sub("u-1").build();
+    assert_allowed(&ask(&mut client, &es).await);
+    let (status, metrics) = sg.admin_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.lines().any(|l| l.starts_with("subguard_jwks_fetches_total{")), "{metrics}");
+}
+
+#[tokio::test]
+async fn rotation_new_kid_is_accepted_after_the_unknown_kid_refetch() {
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    let sg = Subguard::start(&jwks_uri_config(&idp, 1), USERS);
+    let mut client = sg.client().await;
+    assert_allowed(&ask(&mut client, &token("rsa-1")).await);
+
+    // The IdP rotates: only rsa-2 now. subguard doesn't know yet (refresh is every 300 s).
+    idp.set_jwks(&jwks_text("issuer-a-rotated.jwks.json"));
+    wait_refetch_window(1);
+    let before = idp.jwks_requests();
+    let out = ask(&mut client, &token("rsa-2")).await;
+    assert_allowed(&out);
+    assert_eq!(idp.jwks_requests(), before + 1, "exactly one re-fetch for the unknown kid");
+
+    // The new set replaced the old one: the retired key is gone.
+    wait_refetch_window(1);
+    assert_reason(&ask(&mut client, &token("rsa-1")).await, "unknown_key", 401);
+    assert_allowed(&ask(&mut client, &token("rsa-2")).await);
+}
+
+#[tokio::test]
+async fn unknown_kid_refetch_is_rate_limited_per_issuer() {
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    let sg = Subguard::start(&jwks_uri_config(&idp, 10), USERS);
+    let mut client = sg.client().await;
+    let before = idp.jwks_requests();
+
+    // Sequential unknown kids.
+    for i in 0..15 {
+        let t = TokenBuilder::new(&format!("nope-{i}"), Algorithm::RS256)
+            .signed_by("rsa-1")
+            .iss(ISS)
+            .aud("orders")
+            .sub("u-1")
+            .build();
+        assert_reason(&ask(&mut client, &t).await, "unknown_key", 401);
+    }
+    // And concurrent ones.
+    let mut tasks = Vec::new();
+    for i in 0..15 {
+        let mut c = client.clone();
+        let t = TokenBuilder::new(&format!("burst-{i}"), Algorithm::RS256)
+            .signed_by("rsa-1")
+            .iss(ISS)
+            .aud("orders")
+            .sub("u-1")
+            .build();
+        tasks.push(tokio::spawn(async move { ask(&mut c, &t).await }));
+    }
+    for task in tasks {
+        assert_reason(&task.await.unwrap(), "unknown_key", 401);
+    }
+    let fetched = idp.jwks_requests() - before;
+    assert!(fetched <= 1, "30 unknown-kid checks within min_refetch_seconds made {fetched} fetches");
+    // Known keys keep working meanwhile.
+    assert_allowed(&ask(&mut client, &token("rsa-1")).await);
+}
+
+#[tokio::test]
+async fn failing_jwks_server_keeps_the_last_good_keys() {
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    let sg = Subguard::start(&jwks_uri_config(&idp, 1), USERS);
+    let mut client = sg.client().await;
+    assert_allowed(&ask(&mut client, &token("rsa-1")).await);
+
+    // An unknown kid makes subguard re-fetch; each re-fetch fails in another way.
+    let failures: [(&str, &dyn Fn()); 2] =
+        [("HTTP 500", &|| idp.set_status(500)), ("a body that is not a JWKS", &|| idp.set_garbage())];
+    for (what, fail) in failures {
+        wait_refetch_window(1);
+        fail();
+        let before = idp.jwks_requests();
+        assert_reason(&ask(&mut client, &token("rsa-2")).await, "unknown_key", 401);
+        assert!(idp.jwks_requests() > before, "{what}: the unknown kid triggered a fetch");
+        assert_allowed(&ask(&mut client, &token("rsa-1")).await);
+        assert_eq!(sg.admin_get("/readyz").0, 200, "{what}: still ready with the last good keys");
+    }
+
+    // The IdP is down altogether (connections refused).
+    wait_refetch_window(1);
+    idp.stop();
+    assert_reason(&ask(&mut client, &token("rsa-2")).await, "unknown_key", 401);
+    assert_allowed(&ask(&mut client, &token("rsa-1")).await);
+    assert_eq!(sg.admin_get("/readyz").0, 200);
+
+    // It comes back, rotated: the next unknown-kid re-fetch picks the new key up.
+    idp.set_jwks(&jwks_text("issuer-a-rotated.jwks.json"));
+    idp.start_again();
+    wait_refetch_window(1);
+    assert_allowed(&ask(&mut client, &token("rsa-2")).await);
+}
+
+#[tokio::test]
+async fn keys_recover_when_the_jwks_server_comes_back() {
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    idp.stop();
+    let sg = Subguard::start_unready(ConfigDir::with(&jwks_uri_config(&idp, 1), USERS));
+    let mut client = sg.client().await;
+    let out = ask(&mut client, &token("rsa-1")).await;
+    assert_reason(&out, "keys_unavailable", 503);
+    assert!(out.header("retry-after").is_some(), "{out:#?}");
+    assert_eq!(sg.admin_get("/readyz").0, 503);
+
+    idp.start_again();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = ask(&mut client, &token("rsa-1")).await;
+        if out.allowed {
+            break;
+        }
+        assert_reason(&out, "keys_unavailable", 503);
+        assert!(Instant::now() < deadline, "keys never recovered after the IdP came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sg.wait_ready(Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn discovery_finds_the_jwks_uri_from_the_issuer() {
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    let issuer = idp.base_url();
+    let sg = Subguard::start(&config(&issuer, "discovery: true", 10), USERS);
+    assert!(idp.discovery_requests() >= 1, "the discovery document was read");
+    assert!(idp.jwks_requests() >= 1, "then the jwks_uri it names");
+    let mut client = sg.client().await;
+    let out = ask(&mut client, &token_for(&issuer, "rsa-1")).await;
+    assert_allowed(&out);
+    assert_eq!(out.meta("issuer"), Some(issuer.as_str()));
+    // Another issuer's token still isn't trusted.
+    assert_reason(&ask(&mut client, &token("rsa-1")).await, "untrusted_issuer", 401);
+}
+
+#[tokio::test]
+async fn discovery_with_a_mismatched_issuer_yields_no_keys() {
+    // OpenID Connect Discovery §4.3: the document's issuer must equal the configured issuer,
+    // or the document (and its jwks_uri) must not be used.
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    idp.set_issuer("https://evil.test/");
+    let issuer = idp.base_url();
+    let sg = Subguard::start_unready(ConfigDir::with(&config(&issuer, "discovery: true", 1), USERS));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sg.admin_get("/readyz").0, 503, "no usable keys: not ready");
+    let mut client = sg.client().await;
+    let out = ask(&mut client, &token_for(&issuer, "rsa-1")).await;
+    assert_reason(&out, "keys_unavailable", 503);
+    assert!(idp.discovery_requests() >= 1);
+    assert_eq!(idp.jwks_requests(), 0, "the jwks_uri of a mismatched document is never fetched");
+}
+
+#[tokio::test]
+async fn jwks_file_is_reread_on_an_unknown_kid() {
+    let dir = ConfigDir::with(&config(ISS, "jwks_file: keys/acme.json", 1), USERS);
+    dir.write("keys/acme.json", &jwks_text("issuer-a.jwks.json"));
+    let sg = Subguard::start_in(dir);
+    let mut client = sg.client().await;
+    assert_allowed(&ask(&mut client, &token("rsa-1")).await);
+    assert_reason(&ask(&mut client, &token("rsa-2")).await, "unknown_key", 401);
+
+    // The operator rotates the file in place.
+    sg.dir.write("keys/acme.json", &jwks_text("issuer-a-rotated.jwks.json"));
+    wait_refetch_window(1);
+    assert_allowed(&ask(&mut client, &token("rsa-2")).await);
+}
+
+#[tokio::test]
+async fn keys_named_by_the_token_itself_are_never_fetched_or_trusted() {
+    // The attacker's IdP serves the attacker's key (rsa-2); acme trusts only issuer-a's keys.
+    let attacker = JwksServer::start(&jwks_text("issuer-a-rotated.jwks.json"));
+    let dir = ConfigDir::with(&config(ISS, "jwks_file: keys/issuer-a.jwks.json", 1), USERS);
+    let sg = Subguard::start_in(dir);
+    let mut client = sg.client().await;
+    let rsa2_jwk: Value =
+        serde_json::from_str::<Value>(&jwks_text("issuer-a-rotated.jwks.json")).unwrap()["keys"][0].clone();
+
+    let attacks = [
+        ("jku", json!(attacker.jwks_uri())),
+        ("x5u", json!(format!("{}/cert.pem", attacker.base_url()))),
+        ("jwk", rsa2_jwk.clone()),
+    ];
+    for (header, value) in attacks {
+        let t = TokenBuilder::new("rsa-2", Algorithm::RS256)
+            .header(header, value)
+            .iss(ISS)
+            .aud("orders")
+            .sub("u-1")
+            .build();
+        let out = ask(&mut client, &t).await;
+        assert!(!out.allowed, "a key named by the token's {header} header was trusted");
+        assert_reason(&out, "unknown_key", 401);
+        wait_refetch_window(1);
+    }
+    // Even with the kid of a trusted key, an embedded key does not replace the trusted one.
+    let t = TokenBuilder::new("rsa-1", Algorithm::RS256)
+        .signed_by("rsa-2")
+        .header("jwk", rsa2_jwk)
+        .iss(ISS)
+        .aud("orders")
+        .sub("u-1")
+        .build();
+    assert_reason(&ask(&mut client, &t).await, "invalid_signature", 401);
+    assert_eq!(attacker.jwks_requests(), 0, "jku was fetched");
+    assert_eq!(attacker.requests("/cert.pem"), 0, "x5u was fetched");
+}

@@ -1,0 +1,225 @@
+//! Reload (SPEC §5): the config file and the users file are watched (including a Kubernetes
+//! ConfigMap's symlink swap) and re-read on SIGHUP. A valid new version replaces the old one
+//! atomically; an invalid one is refused, logged and counted, and the old one keeps serving. No
+//! check fails because of a reload.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::check::CheckCall;
+use common::{Algorithm, CheckClient, ConfigDir, Outcome, Subguard, TokenBuilder};
+
+const CONFIG: &str = r#"
+listen:
+  grpc: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+tenant:
+  header: x-tenant-id
+directory:
+  kind: file
+  path: users.yaml
+tenants:
+  acme:
+    issuers:
+      - issuer: "https://idp.acme.test/"
+        audiences: ["orders"]
+        algorithms: ["RS256"]
+        jwks_file: keys/issuer-a.jwks.json
+"#;
+
+const GLOBEX: &str = r#"
+  globex:
+    issuers:
+      - issuer: "https://idp.globex.test/"
+        audiences: ["orders"]
+        algorithms: ["RS256"]
+        jwks_file: keys/issuer-b.jwks.json
+"#;
+
+const USERS: &str = "acme:\n  - sub: u-1\nglobex:\n  - sub: g-1\n";
+
+fn acme(sub: &str) -> String {
+    TokenBuilder::new("rsa-1", Algorithm::RS256).iss("https://idp.acme.test/").aud("orders").sub(sub).build()
+}
+
+fn globex(sub: &str) -> String {
+    TokenBuilder::new("other-rsa", Algorithm::RS256)
+        .iss("https://idp.globex.test/")
+        .aud("orders")
+        .sub(sub)
+        .build()
+}
+
+async fn ask(client: &mut CheckClient, tenant: &str, token: &str) -> Outcome {
+    client.call(&CheckCall::new().tenant(tenant).bearer(token)).await
+}
+
+/// Asks until `done(outcome)` or `timeout`; returns the last outcome.
+async fn eventually(
+    client: &mut CheckClient,
+    tenant: &str,
+    token: &str,
+    timeout: Duration,
+    done: impl Fn(&Outcome) -> bool,
+) -> Outcome {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = ask(client, tenant, token).await;
+        if done(&out) || Instant::now() > deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn reason(out: &Outcome) -> Option<&str> {
+    out.header("x-subguard-reason")
+}
+
+/// Sum of every `subguard_config_reloads_total` sample.
+fn reloads_counted(sg: &Subguard) -> f64 {
+    let (_, metrics) = sg.admin_get("/metrics");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("subguard_config_reloads_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn users_file_changes_are_picked_up_without_a_signal() {
+    let sg = Subguard::start(CONFIG, USERS);
+    let mut client = sg.client().await;
+    assert_eq!(reason(&ask(&mut client, "acme", &acme("u-2")).await), Some("user_not_found"));
+
+    // u-2 is added, u-1 deleted.
+    sg.dir.write_users("acme:\n  - sub: u-2\n    id: user-two\n");
+    let out = eventually(&mut client, "acme", &acme("u-2"), WAIT, |o| o.allowed).await;
+    assert!(out.allowed, "the new user works after the users file changed: {out:#?}");
+    assert_eq!(out.header("x-user-id"), Some("user-two"));
+    let out = ask(&mut client, "acme", &acme("u-1")).await;
+    assert_eq!(reason(&out), Some("user_not_found"), "a deleted user is gone: {out:#?}");
+}
+
+#[tokio::test]
+async fn config_is_reread_on_sighup() {
+    let sg = Subguard::start(CONFIG, USERS);
+    let mut client = sg.client().await;
+    assert_eq!(reason(&ask(&mut client, "globex", &globex("g-1")).await), Some("unknown_tenant"));
+
+    sg.dir.write_config(&format!("{CONFIG}{GLOBEX}"));
+    sg.signal("HUP");
+    let out = eventually(&mut client, "globex", &globex("g-1"), WAIT, |o| o.allowed).await;
+    assert!(out.allowed, "the new tenant works after SIGHUP: {out:#?}");
+    assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed);
+}
+
+#[tokio::test]
+async fn config_file_changes_are_picked_up_without_a_signal() {
+    let sg = Subguard::start(CONFIG, USERS);
+    let mut client = sg.client().await;
+    sg.dir.write_config(&format!("{CONFIG}{GLOBEX}"));
+    let out = eventually(&mut client, "globex", &globex("g-1"), WAIT, |o| o.allowed).await;
+    assert!(out.allowed, "the watched config was re-read: {out:#?}");
+}
+
+#[tokio::test]
+async fn an_invalid_config_is_refused_logged_counted_and_the_old_one_keeps_serving() {
+    let sg = Subguard::start(CONFIG, USERS);
+    let mut client = sg.client().await;
+    let before = reloads_counted(&sg);
+    let logged_before = sg.logs().len();
+
+    // A typo (unknown key) and a tenant that would be new: neither may take effect.
+    let invalid =
+        format!("{CONFIG}{GLOBEX}").replace("  header: x-tenant-id", "  header: x-tenant-id\n  hots: x");
+    sg.dir.write_config(&invalid);
+    sg.signal("HUP");
+
+    let deadline = Instant::now() + WAIT;
+    while reloads_counted(&sg) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the refused reload was never counted in subguard_config_reloads_total"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = ask(&mut client, "acme", &acme("u-1")).await;
+    assert!(out.allowed, "the old config keeps serving: {out:#?}");
+    assert_eq!(reason(&ask(&mut client, "globex", &globex("g-1")).await), Some("unknown_tenant"));
+    assert_eq!(sg.admin_get("/readyz").0, 200);
+    let new_lines = sg.logs()[logged_before..].join("\n");
+    assert!(new_lines.contains("hots"), "the refusal is logged with its cause:\n{new_lines}");
+}
+
+#[tokio::test]
+async fn a_kubernetes_configmap_symlink_swap_is_picked_up() {
+    // A ConfigMap volume: config.yaml -> ..data/config.yaml, ..data -> ..<timestamp>/, and an
+    // update swaps ..data atomically to a new timestamped folder.
+    use std::os::unix::fs::symlink;
+    let dir = ConfigDir::new();
+    let root = dir.path();
+    let write_version = |name: &str, users: &str| {
+        let v = root.join(name);
+        std::fs::create_dir(&v).unwrap();
+        std::fs::write(v.join("config.yaml"), CONFIG).unwrap();
+        std::fs::write(v.join("users.yaml"), users).unwrap();
+    };
+    write_version("..2026_01_01_00_00_00.1", USERS);
+    symlink("..2026_01_01_00_00_00.1", root.join("..data")).unwrap();
+    symlink("..data/config.yaml", root.join("config.yaml")).unwrap();
+    symlink("..data/users.yaml", root.join("users.yaml")).unwrap();
+    let sg = Subguard::start_in(dir);
+    let mut client = sg.client().await;
+    assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed);
+    assert_eq!(reason(&ask(&mut client, "acme", &acme("u-3")).await), Some("user_not_found"));
+
+    let root = sg.dir.path();
+    let v2 = root.join("..2026_01_01_00_05_00.2");
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::write(v2.join("config.yaml"), CONFIG).unwrap();
+    std::fs::write(v2.join("users.yaml"), "acme:\n  - sub: u-3\n").unwrap();
+    symlink("..2026_01_01_00_05_00.2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    std::fs::remove_dir_all(root.join("..2026_01_01_00_00_00.1")).unwrap();
+
+    let out = eventually(&mut client, "acme", &acme("u-3"), WAIT, |o| o.allowed).await;
+    assert!(out.allowed, "the swapped users file was read: {out:#?}");
+    assert_eq!(reason(&ask(&mut client, "acme", &acme("u-1")).await), Some("user_not_found"));
+}
+
+#[tokio::test]
+async fn no_check_fails_because_of_a_reload() {
+    let sg = Subguard::start(CONFIG, USERS);
+    let client = sg.client().await;
+    let token = acme("u-1");
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let mut client = client.clone();
+        let token = token.clone();
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for _ in 0..150 {
+                let out = ask(&mut client, "acme", &token).await;
+                if !out.allowed {
+                    failures.push(format!("{:?}", reason(&out)));
+                }
+            }
+            failures
+        }));
+    }
+    // Meanwhile: equivalent configs and users files, replaced and signalled several times.
+    for i in 0..6 {
+        sg.dir.replace("config.yaml", &format!("{CONFIG}# revision {i}\n"));
+        sg.dir.replace("users.yaml", &format!("{USERS}# revision {i}\n"));
+        sg.signal("HUP");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    for worker in workers {
+        let failures = worker.await.unwrap();
+        assert!(failures.is_empty(), "checks failed during reloads: {failures:?}");
+    }
+}

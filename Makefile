@@ -29,9 +29,12 @@ demo: venv build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features otel -- -D warnings
 
 test: venv lint
 	SUBGUARD_ENVOY=$(ENVOY) $(CARGO) test
+	# The OpenTelemetry export path is behind a cargo feature: build and test it too.
+	SUBGUARD_ENVOY=$(ENVOY) $(CARGO) test --features otel --test otel_export
 	$(MAKE) validate-envoy
 	$(MAKE) demo
 

@@ -54,13 +54,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve { config } => {
-            telemetry::init(cli.log_format);
             let cfg = match subguard::config::load(&config) {
                 Ok(c) => c,
                 Err(errors) => {
-                    for e in &errors {
-                        tracing::error!(error = %e, "invalid config");
-                    }
                     eprintln!("subguard: invalid config {}:", config.display());
                     for e in errors {
                         eprintln!("  {e}");
@@ -75,7 +71,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(cfg)) {
+            match runtime.block_on(run(cfg, cli.log_format)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "subguard failed");
@@ -87,7 +83,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cfg: subguard::config::Config) -> anyhow::Result<()> {
+async fn run(cfg: subguard::config::Config, log_format: LogFormat) -> anyhow::Result<()> {
+    let _telemetry = telemetry::init(log_format, cfg.tracing.as_ref());
     subguard::keys::self_test()?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %cfg.path.display(), tenants = cfg.tenants.len(), "starting");
     for w in &cfg.warnings {

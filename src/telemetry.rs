@@ -9,8 +9,29 @@ pub enum LogFormat {
     Text,
 }
 
-/// Installs the global subscriber. An invalid `SUBGUARD_LOG` falls back to `info` with a warning.
-pub fn init(format: LogFormat) {
+/// Keeps the trace exporter alive; flushes pending spans when dropped.
+#[must_use]
+pub struct TelemetryGuard {
+    #[cfg(feature = "otel")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        #[cfg(feature = "otel")]
+        if let Some(p) = self.provider.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber: logs on stdout, and with `tracing` configured (cargo feature
+/// `otel`) spans exported over OTLP/HTTP. An invalid `SUBGUARD_LOG` falls back to `info` with a
+/// warning. Must run inside the tokio runtime when export is configured.
+pub fn init(format: LogFormat, tracing_settings: Option<&crate::config::TracingSettings>) -> TelemetryGuard {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let (filter, bad) = match std::env::var("SUBGUARD_LOG") {
         Ok(s) if !s.is_empty() => match EnvFilter::try_new(&s) {
             Ok(f) => (f, None),
@@ -19,15 +40,90 @@ pub fn init(format: LogFormat) {
         _ => (EnvFilter::new("info"), None),
     };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout).with_ansi(ansi);
-    match format {
+    let (json, text) = match format {
         // The current span (a check's request_id, trace_id, tenant, reason) rides on every line.
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
-        LogFormat::Text => builder.init(),
-    }
+        LogFormat::Json => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(std::io::stdout),
+            ),
+            None,
+        ),
+        LogFormat::Text => {
+            (None, Some(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stdout)))
+        }
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(json).with(text);
+
+    #[cfg(feature = "otel")]
+    let guard = {
+        let (layer, provider) = match tracing_settings.map(otel::provider) {
+            Some(Ok(p)) => {
+                use opentelemetry::trace::TracerProvider as _;
+                let tracer = p.tracer("subguard");
+                (Some(tracing_opentelemetry::layer().with_tracer(tracer)), Some(p))
+            }
+            Some(Err(e)) => {
+                eprintln!("subguard: cannot start OTLP trace export: {e}");
+                (None, None)
+            }
+            None => (None, None),
+        };
+        registry.with(layer).init();
+        TelemetryGuard { provider }
+    };
+    #[cfg(not(feature = "otel"))]
+    let guard = {
+        let _ = tracing_settings;
+        registry.init();
+        TelemetryGuard {}
+    };
+
     if let Some(msg) = bad {
         tracing::warn!("{msg}; using info");
+    }
+    guard
+}
+
+#[cfg(feature = "otel")]
+pub mod otel {
+    //! OTLP/HTTP export and W3C trace-context propagation (cargo feature `otel`).
+
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+
+    use crate::config::TracingSettings;
+
+    pub fn provider(s: &TracingSettings) -> Result<SdkTracerProvider, String> {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(s.otlp_endpoint.clone())
+            .with_timeout(std::time::Duration::from_secs(5))
+            .with_headers(Default::default())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let resource =
+            opentelemetry_sdk::Resource::builder_empty().with_service_name(s.service_name.clone()).build();
+        Ok(SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(s.sample_ratio))))
+            .with_resource(resource)
+            .build())
+    }
+
+    /// Makes `span` a child of the caller's trace named by a `traceparent` header.
+    pub fn join_trace(span: &tracing::Span, traceparent: Option<&str>) {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let Some(tp) = traceparent else { return };
+        let mut carrier = std::collections::HashMap::new();
+        carrier.insert("traceparent".to_string(), tp.to_string());
+        let cx = TraceContextPropagator::new().extract(&carrier);
+        let _ = span.set_parent(cx);
     }
 }
 

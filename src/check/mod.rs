@@ -319,7 +319,9 @@ impl Policy {
         let user = match tenant.directory.lookup(&tenant.name, sub).await.result {
             Ok(Lookup::Found(u)) => u,
             Ok(Lookup::NotFound) => {
-                d.detail = Some(format!("no such user: {}", tenant.directory.describe(&tenant.name, sub)));
+                let looked_up = tenant.directory.normalize(sub);
+                d.detail =
+                    Some(format!("no such user: {}", tenant.directory.describe(&tenant.name, &looked_up)));
                 return Err(Reason::UserNotFound);
             }
             Err(e) => {

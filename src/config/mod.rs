@@ -102,6 +102,16 @@ pub struct Forward {
     pub strip_authorization: bool,
 }
 
+/// OTLP/HTTP trace export (cargo feature `otel`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingSettings {
+    /// The traces URL (`/v1/traces` added when only a base URL is given).
+    pub otlp_endpoint: String,
+    pub service_name: String,
+    /// Share of traces sampled when the caller did not decide (parent-based sampling otherwise).
+    pub sample_ratio: f64,
+}
+
 /// How `directory_unavailable`, `keys_unavailable` and `internal_error` reach Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutageResponse {
@@ -219,6 +229,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub forward: Forward,
     pub outage_response: OutageResponse,
+    /// OpenTelemetry trace export; `None` when not configured.
+    pub tracing: Option<TracingSettings>,
     pub tenants: BTreeMap<String, TenantConfig>,
     /// Further files the config read (header secrets, CA bundles): watched for reload.
     pub extra_files: Vec<PathBuf>,
@@ -270,7 +282,7 @@ struct Loader {
     extra_files: Vec<PathBuf>,
 }
 
-const TOP_LEVEL_KEYS: [&str; 10] = [
+const TOP_LEVEL_KEYS: [&str; 11] = [
     "listen",
     "tenant",
     "token",
@@ -281,6 +293,7 @@ const TOP_LEVEL_KEYS: [&str; 10] = [
     "tenants",
     "revocation",
     "outage_response",
+    "tracing",
 ];
 
 impl Loader {
@@ -340,6 +353,40 @@ impl Loader {
                 OutageResponse::Deny
             }
         };
+        let tracing =
+            take("tracing").and_then(|v| self.section::<raw::Tracing>("tracing", v)).and_then(|t| {
+                if !cfg!(feature = "otel") {
+                    self.err(
+                        "tracing",
+                        "this build has no OpenTelemetry export (build with the cargo feature `otel`)",
+                    );
+                    return None;
+                }
+                let endpoint = match reqwest::Url::parse(&t.otlp_endpoint) {
+                    Ok(mut u) if matches!(u.scheme(), "http" | "https") => {
+                        if u.path() == "/" || u.path().is_empty() {
+                            u.set_path("/v1/traces");
+                        }
+                        u.to_string()
+                    }
+                    _ => {
+                        self.err(
+                            "tracing.otlp_endpoint",
+                            format!("`{}` is not an http(s) URL", t.otlp_endpoint),
+                        );
+                        return None;
+                    }
+                };
+                let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+                if !(0.0..=1.0).contains(&sample_ratio) {
+                    self.err("tracing.sample_ratio", "must be between 0 and 1");
+                }
+                Some(TracingSettings {
+                    otlp_endpoint: endpoint,
+                    service_name: t.service_name.unwrap_or_else(|| "subguard".into()),
+                    sample_ratio,
+                })
+            });
         let forward_raw: raw::Forward =
             take("forward").and_then(|v| self.section("forward", v)).unwrap_or_default();
         let default_dir_raw: Option<raw::Directory> =
@@ -433,6 +480,7 @@ impl Loader {
                 shutdown_grace: Duration::from_secs(grace),
                 forward,
                 outage_response,
+                tracing,
                 tenants,
                 warnings: self.warnings,
                 extra_files: self.extra_files,

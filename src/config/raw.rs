@@ -155,3 +155,11 @@ pub struct FileUser {
     pub disabled: bool,
     pub tokens_valid_after: Option<i64>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    pub otlp_endpoint: String,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
+}

@@ -8,7 +8,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use serde::Deserialize;
 
-use super::{DirectoryError, Lookup, User};
+use super::{FetchError, Lookup, User};
 
 /// Everything outside RFC 3986 *unreserved* (`A-Z a-z 0-9 - . _ ~`) is encoded, so a `sub` can
 /// never add a path segment, a query or a fragment.
@@ -112,13 +112,14 @@ pub fn user_from(
     roles: Vec<String>,
     disabled: bool,
     tokens_valid_after: Option<i64>,
-) -> Result<User, DirectoryError> {
-    if roles.iter().any(|r| r.is_empty() || r.contains(',')) {
-        return Err(DirectoryError("a role is empty or contains a comma".into()));
+) -> Result<User, FetchError> {
+    // Both end up in request headers for the upstream.
+    if roles.iter().any(|r| r.is_empty() || r.contains(',') || r.bytes().any(|b| b.is_ascii_control())) {
+        return Err(FetchError::Data("a role is empty or contains a comma or control character".into()));
     }
     let id = id.filter(|i| !i.is_empty()).unwrap_or_else(|| sub.to_string());
     if id.bytes().any(|b| b.is_ascii_control()) {
-        return Err(DirectoryError("the user id contains control characters".into()));
+        return Err(FetchError::Data("the user id contains control characters".into()));
     }
     Ok(User {
         id: id.into(),
@@ -191,22 +192,22 @@ impl DirectoryClient {
     }
 
     /// GETs `url`; returns the status and (size-limited) body.
-    pub async fn get(&self, url: &str, accept: &str) -> Result<(StatusCode, Vec<u8>), DirectoryError> {
+    pub async fn get(&self, url: &str, accept: &str) -> Result<(StatusCode, Vec<u8>), FetchError> {
         let mut resp = self
             .client
             .get(url)
             .header(reqwest::header::ACCEPT, accept)
             .send()
             .await
-            .map_err(|e| DirectoryError(request_error(&e)))?;
+            .map_err(|e| FetchError::Transport(request_error(&e)))?;
         let status = resp.status();
         if resp.content_length().is_some_and(|l| l > self.max_response_bytes as u64) {
-            return Err(DirectoryError(format!("response larger than {} bytes", self.max_response_bytes)));
+            return Err(FetchError::Data(format!("response larger than {} bytes", self.max_response_bytes)));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| DirectoryError(request_error(&e)))? {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| FetchError::Transport(request_error(&e)))? {
             if body.len() + chunk.len() > self.max_response_bytes {
-                return Err(DirectoryError(format!(
+                return Err(FetchError::Data(format!(
                     "response larger than {} bytes",
                     self.max_response_bytes
                 )));
@@ -243,7 +244,7 @@ impl HttpDirectory {
         format!("GET {}", self.url.render(tenant, sub))
     }
 
-    pub async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, DirectoryError> {
+    pub async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, FetchError> {
         // URL parsers treat these as path steps even when encoded by some servers' routers.
         if sub == "." || sub == ".." {
             return Ok(Lookup::NotFound);
@@ -253,7 +254,7 @@ impl HttpDirectory {
         match status {
             StatusCode::OK => {
                 let u: HttpUser = serde_json::from_slice(&body)
-                    .map_err(|e| DirectoryError(format!("invalid user JSON: {e}")))?;
+                    .map_err(|e| FetchError::Data(format!("invalid user JSON: {e}")))?;
                 let user = user_from(
                     sub,
                     u.id,
@@ -264,7 +265,7 @@ impl HttpDirectory {
                 Ok(Lookup::Found(user.into()))
             }
             StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Lookup::NotFound),
-            s => Err(DirectoryError(format!("status {}", s.as_u16()))),
+            s => Err(FetchError::Transport(format!("status {}", s.as_u16()))),
         }
     }
 }

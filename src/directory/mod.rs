@@ -21,7 +21,7 @@ pub use file::FileDirectory;
 
 use crate::config::{DirectoryConfig, DirectoryKind, Normalize};
 use crate::telemetry::Metrics;
-use breaker::{Breaker, Permit};
+use breaker::{Breaker, BreakerState, Permit};
 use cache::{DirectoryCache, Served};
 
 /// A user as the directory knows it.
@@ -48,6 +48,24 @@ pub enum Lookup {
 #[error("directory unavailable: {0}")]
 pub struct DirectoryError(pub String);
 
+/// Why a backend call failed. Both are `directory_unavailable` for the request; only transport
+/// failures (timeouts, refused connections, error statuses) count towards the circuit breaker, so
+/// one malformed user record cannot take the directory down for every other user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchError {
+    Transport(String),
+    Data(String),
+}
+
+impl From<FetchError> for DirectoryError {
+    fn from(e: FetchError) -> Self {
+        match e {
+            FetchError::Transport(m) => DirectoryError(m),
+            FetchError::Data(m) => DirectoryError(format!("invalid directory data: {m}")),
+        }
+    }
+}
+
 /// Where lookups go.
 #[derive(Debug)]
 pub enum Backend {
@@ -57,7 +75,7 @@ pub enum Backend {
 }
 
 impl Backend {
-    async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, DirectoryError> {
+    async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, FetchError> {
         match self {
             Backend::File(f) => Ok(f.lookup(tenant, sub)),
             Backend::Http(h) => h.fetch(tenant, sub).await,
@@ -99,6 +117,9 @@ impl Directory {
                 (Backend::Scim(scim::ScimDirectory::new(base, *match_by, *roles_from, http)?), true)
             }
         };
+        if remote {
+            metrics.breaker_changed(&config.name, BreakerState::Closed);
+        }
         Ok(Directory {
             name: Arc::from(config.name.as_str()),
             backend,
@@ -136,7 +157,10 @@ impl Directory {
         let sub = self.normalize(sub);
         let started = Instant::now();
         let answer = match &self.cache {
-            None => Answer { result: self.backend.fetch(tenant, &sub).await, served: Served::Directory },
+            None => Answer {
+                result: self.backend.fetch(tenant, &sub).await.map_err(DirectoryError::from),
+                served: Served::Directory,
+            },
             Some(cache) => {
                 let key = (tenant.clone(), Arc::from(sub.as_ref()));
                 let (result, served) = cache.get_or_load(key, self.guarded_fetch(tenant, &sub)).await;
@@ -175,15 +199,24 @@ impl Directory {
     /// A backend call that respects the breaker.
     async fn guarded_fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, DirectoryError> {
         let permit = self.breaker.acquire();
-        if permit == Permit::Rejected {
-            return Err(DirectoryError("circuit breaker open after repeated failures".into()));
+        match permit {
+            Permit::Rejected => {
+                return Err(DirectoryError("circuit breaker open after repeated failures".into()));
+            }
+            Permit::Probe => self.breaker_changed(tenant, BreakerState::HalfOpen),
+            Permit::Normal => {}
         }
         let result = self.backend.fetch(tenant, sub).await;
-        if let Some(state) = self.breaker.record(&permit, result.is_ok()) {
-            self.metrics.breaker_changed(&self.name, state);
-            tracing::warn!(directory = &*self.name, tenant, state = ?state, "directory circuit breaker changed state");
+        let transport_ok = !matches!(result, Err(FetchError::Transport(_)));
+        if let Some(state) = self.breaker.record(&permit, transport_ok) {
+            self.breaker_changed(tenant, state);
         }
-        result
+        result.map_err(DirectoryError::from)
+    }
+
+    fn breaker_changed(&self, tenant: &str, state: BreakerState) {
+        self.metrics.breaker_changed(&self.name, state);
+        tracing::warn!(directory = &*self.name, tenant, state = ?state, "directory circuit breaker changed state");
     }
 
     pub fn breaker(&self) -> &Breaker {

@@ -7,7 +7,7 @@
 use serde::Deserialize;
 
 use super::http::{DirectoryClient, HttpSettings, encode_component, user_from};
-use super::{DirectoryError, Lookup};
+use super::{FetchError, Lookup};
 
 /// Which SCIM attribute the token's `sub` is matched against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,13 +111,13 @@ impl ScimDirectory {
         format!("GET {}", self.url(tenant, sub))
     }
 
-    pub async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, DirectoryError> {
+    pub async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, FetchError> {
         if self.match_by == ScimMatch::Id && (sub == "." || sub == "..") {
             return Ok(Lookup::NotFound);
         }
         let url = self.url(tenant, sub);
         let (status, body) = self.client.get(&url, "application/scim+json, application/json").await?;
-        let invalid = |e: serde_json::Error| DirectoryError(format!("invalid SCIM response: {e}"));
+        let invalid = |e: serde_json::Error| FetchError::Data(format!("invalid SCIM response: {e}"));
         let user = match (self.match_by, status.as_u16()) {
             (ScimMatch::Id, 200) => serde_json::from_slice::<ScimUser>(&body).map_err(invalid)?,
             (ScimMatch::Id, 404) => return Ok(Lookup::NotFound),
@@ -126,7 +126,7 @@ impl ScimDirectory {
                 match (list.total_results, list.resources.len()) {
                     (0, 0) => return Ok(Lookup::NotFound),
                     (1, 1) => {
-                        list.resources.into_iter().next().ok_or_else(|| DirectoryError("empty".into()))?
+                        list.resources.into_iter().next().ok_or_else(|| FetchError::Data("empty".into()))?
                     }
                     (n, m) if n > 1 || m > 1 => {
                         tracing::warn!(
@@ -135,17 +135,19 @@ impl ScimDirectory {
                             matches = n.max(m as u64),
                             "SCIM filter matched more than one user; refusing to pick one"
                         );
-                        return Err(DirectoryError(format!(
+                        return Err(FetchError::Data(format!(
                             "{} users match; directory data is ambiguous",
                             n.max(m as u64)
                         )));
                     }
                     (n, m) => {
-                        return Err(DirectoryError(format!("totalResults {n} disagrees with {m} resources")));
+                        return Err(FetchError::Data(format!(
+                            "totalResults {n} disagrees with {m} resources"
+                        )));
                     }
                 }
             }
-            (_, s) => return Err(DirectoryError(format!("status {s}"))),
+            (_, s) => return Err(FetchError::Transport(format!("status {s}"))),
         };
         let roles: Vec<String> = match self.roles_from {
             RolesFrom::Groups => user.groups.into_iter().filter_map(|g| g.display).collect(),

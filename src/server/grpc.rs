@@ -139,6 +139,8 @@ impl Authorization for AuthorizationService {
             tenant = tracing::field::Empty,
             reason = tracing::field::Empty,
         );
+        #[cfg(feature = "otel")]
+        crate::telemetry::otel::join_trace(&span, view.header("traceparent"));
         let policy = self.state.policy.load_full();
         let decision = policy.check(&view, unix_now()).instrument(span.clone()).await;
         span.record("tenant", decision.tenant.as_deref().unwrap_or(""));

@@ -77,6 +77,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The admin listener stops only after the gRPC drain, so probes keep seeing "not ready" (503)
+    // rather than a refused connection while checks finish.
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -127,7 +130,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             bound.admin = Some(local);
             tracing::info!(listener = "admin", addr = %local, "listening");
             let app = admin::router(state.clone());
-            let rx = stop_rx.clone();
+            let rx = admin_stop_rx.clone();
             Some(tokio::spawn(
                 async move { axum::serve(listener, app).with_graceful_shutdown(stopped(rx)).await },
             ))
@@ -171,14 +174,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
 
-    let drained = tokio::time::timeout(grace, async {
-        let r = grpc_task.await;
-        if let Some(a) = admin_task {
-            let _ = a.await;
-        }
-        r
-    })
-    .await;
+    let drained = tokio::time::timeout(grace, grpc_task).await;
+    let _ = admin_stop_tx.send(true);
+    if let Some(a) = admin_task {
+        let _ = tokio::time::timeout(Duration::from_secs(1), a).await;
+    }
     match drained {
         Ok(Ok(Ok(()))) => tracing::info!("stopped"),
         Ok(Ok(Err(e))) => tracing::error!(error = %e, "grpc server failed"),

@@ -120,9 +120,13 @@ impl Reloader {
             .map_err(|e| vec![ConfigError::new("", format!("reload task failed: {e}"))])??;
         let old = self.state.policy.load_full();
         if config.listen != old.config.listen {
+            let admin =
+                |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
             tracing::warn!(
                 old_grpc = %old.config.listen.grpc,
                 new_grpc = %config.listen.grpc,
+                old_admin = %admin(old.config.listen.admin),
+                new_admin = %admin(config.listen.admin),
                 "listen addresses changed; they take effect only after a restart"
             );
         }

@@ -130,6 +130,9 @@ impl Reloader {
                 "listen addresses changed; they take effect only after a restart"
             );
         }
+        if config.tracing != old.config.tracing {
+            tracing::warn!("tracing settings changed; they take effect only after a restart");
+        }
         for w in &config.warnings {
             tracing::warn!(warning = %w, "config warning");
         }

@@ -130,7 +130,9 @@ pub mod otel {
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -145,17 +147,33 @@ const CHECK_BUCKETS: [f64; 14] = [
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
+/// A label value from the config (a tenant, issuer or directory name), shared rather than copied:
+/// counting a check must not allocate.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Name(pub Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+fn name(s: Option<&Arc<str>>) -> Name {
+    static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+    Name(s.unwrap_or(&EMPTY).clone())
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
     pub decision: &'static str,
     pub reason: &'static str,
     /// A configured tenant, or `""` (never raw request input).
-    pub tenant: String,
+    pub tenant: Name,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectoryLabels {
-    pub tenant: String,
+    pub tenant: Name,
     /// `found`, `not_found`, `error`, `cache_hit`, `stale`.
     pub outcome: &'static str,
 }
@@ -163,7 +181,7 @@ pub struct DirectoryLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JwksLabels {
     /// A configured issuer.
-    pub issuer: String,
+    pub issuer: Name,
     /// `ok` or `error`.
     pub outcome: &'static str,
 }
@@ -171,7 +189,7 @@ pub struct JwksLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BreakerLabels {
     /// `default` or the tenant whose own directory it is.
-    pub directory: String,
+    pub directory: Name,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -256,51 +274,53 @@ impl Metrics {
 
     /// Creates the zero-valued series of a configured tenant and its issuers, so dashboards and
     /// alerts see `0` rather than an absent series before the first event.
-    pub fn declare_tenant<'a>(&self, tenant: &str, issuers: impl Iterator<Item = &'a str>) {
+    pub fn declare_tenant<'a>(&self, tenant: &Arc<str>, issuers: impl Iterator<Item = &'a Arc<str>>) {
         for outcome in ["found", "not_found", "error", "cache_hit", "stale"] {
             let _ = self
                 .directory_lookups
-                .get_or_create(&DirectoryLabels { tenant: tenant.to_string(), outcome });
+                .get_or_create(&DirectoryLabels { tenant: Name(tenant.clone()), outcome });
         }
         for issuer in issuers {
             for outcome in ["ok", "error"] {
-                let _ = self.jwks_fetches.get_or_create(&JwksLabels { issuer: issuer.to_string(), outcome });
+                let _ =
+                    self.jwks_fetches.get_or_create(&JwksLabels { issuer: Name(issuer.clone()), outcome });
             }
         }
     }
 
-    pub fn breaker_changed(&self, directory: &str, state: crate::directory::breaker::BreakerState) {
+    pub fn breaker_changed(&self, directory: &Arc<str>, state: crate::directory::breaker::BreakerState) {
         use crate::directory::breaker::BreakerState;
         let v = match state {
             BreakerState::Closed => 0,
             BreakerState::Open => 1,
             BreakerState::HalfOpen => 2,
         };
-        self.breaker_state.get_or_create(&BreakerLabels { directory: directory.to_string() }).set(v);
+        self.breaker_state.get_or_create(&BreakerLabels { directory: Name(directory.clone()) }).set(v);
     }
 
     pub fn config_reloaded(&self, ok: bool) {
         self.config_reloads.get_or_create(&ReloadLabels { outcome: if ok { "ok" } else { "error" } }).inc();
     }
 
-    pub fn directory_lookup(&self, tenant: &str, outcome: &'static str) {
-        self.directory_lookups.get_or_create(&DirectoryLabels { tenant: tenant.to_string(), outcome }).inc();
+    pub fn directory_lookup(&self, tenant: &Arc<str>, outcome: &'static str) {
+        self.directory_lookups
+            .get_or_create(&DirectoryLabels { tenant: Name(tenant.clone()), outcome })
+            .inc();
     }
 
-    pub fn jwks_fetch(&self, issuer: &str, ok: bool) {
+    pub fn jwks_fetch(&self, issuer: &Arc<str>, ok: bool) {
         let outcome = if ok { "ok" } else { "error" };
-        self.jwks_fetches.get_or_create(&JwksLabels { issuer: issuer.to_string(), outcome }).inc();
+        self.jwks_fetches.get_or_create(&JwksLabels { issuer: Name(issuer.clone()), outcome }).inc();
     }
 
     /// The one place a finished check is observed: it is counted, timed and logged together, so
     /// logs and metrics never disagree.
     pub fn check_finished(&self, d: &Decision, request_id: Option<&str>, elapsed: Duration) {
-        let tenant = d.tenant.as_deref().unwrap_or("");
         self.checks
             .get_or_create(&CheckLabels {
                 decision: if d.is_allow() { "allow" } else { "deny" },
                 reason: d.reason_code(),
-                tenant: tenant.to_string(),
+                tenant: name(d.tenant.as_ref()),
             })
             .inc();
         self.check_duration.observe(elapsed.as_secs_f64());

@@ -126,7 +126,7 @@ impl Policy {
                 })
                 .collect();
             let tenant = Tenant { name: Arc::from(name.as_str()), issuers, directory };
-            metrics.declare_tenant(name, tenant.issuers.iter().map(|i| &*i.iss));
+            metrics.declare_tenant(&tenant.name, tenant.issuers.iter().map(|i| &i.iss));
             tenants.insert(name.clone(), Arc::new(tenant));
         }
         Ok(Policy {

@@ -117,11 +117,12 @@ impl Directory {
                 (Backend::Scim(scim::ScimDirectory::new(base, *match_by, *roles_from, http)?), true)
             }
         };
+        let name: Arc<str> = Arc::from(config.name.as_str());
         if remote {
-            metrics.breaker_changed(&config.name, BreakerState::Closed);
+            metrics.breaker_changed(&name, BreakerState::Closed);
         }
         Ok(Directory {
-            name: Arc::from(config.name.as_str()),
+            name,
             backend,
             cache: remote.then(|| DirectoryCache::new(config.cache)),
             breaker: Breaker::new(config.breaker),

@@ -209,6 +209,7 @@ pub struct Metrics {
     checks: Family<CheckLabels, Counter>,
     check_duration: Histogram,
     in_flight: Gauge,
+    shed: Counter,
     directory_lookups: Family<DirectoryLabels, Counter>,
     jwks_fetches: Family<JwksLabels, Counter>,
     breaker_state: Family<BreakerLabels, Gauge>,
@@ -228,6 +229,11 @@ impl Metrics {
             m.check_duration.clone(),
         );
         r.register("checks_in_flight", "Checks being decided right now", m.in_flight.clone());
+        r.register(
+            "checks_shed",
+            "Checks refused at once because max_in_flight_checks were already in flight",
+            m.shed.clone(),
+        );
         r.register(
             "directory_lookups",
             "User directory lookups by tenant and outcome",
@@ -259,11 +265,16 @@ impl Metrics {
             checks: Family::default(),
             check_duration: Histogram::new(CHECK_BUCKETS),
             in_flight: Gauge::default(),
+            shed: Counter::default(),
             directory_lookups: Family::default(),
             jwks_fetches: Family::default(),
             breaker_state: Family::default(),
             config_reloads: Family::default(),
         }
+    }
+
+    pub fn check_shed(&self) {
+        self.shed.inc();
     }
 
     /// Marks a check in flight until the guard drops.

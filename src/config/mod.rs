@@ -227,6 +227,9 @@ pub struct Config {
     pub token: TokenSettings,
     pub keys: KeySettings,
     pub shutdown_grace: Duration,
+    /// Checks beyond this many in flight are refused at once (`RESOURCE_EXHAUSTED`; Envoy then
+    /// applies `status_on_error`) instead of queueing without bound.
+    pub max_in_flight: usize,
     pub forward: Forward,
     pub outage_response: OutageResponse,
     /// OpenTelemetry trace export; `None` when not configured.
@@ -282,7 +285,7 @@ struct Loader {
     extra_files: Vec<PathBuf>,
 }
 
-const TOP_LEVEL_KEYS: [&str; 11] = [
+const TOP_LEVEL_KEYS: [&str; 12] = [
     "listen",
     "tenant",
     "token",
@@ -294,6 +297,7 @@ const TOP_LEVEL_KEYS: [&str; 11] = [
     "revocation",
     "outage_response",
     "tracing",
+    "max_in_flight_checks",
 ];
 
 impl Loader {
@@ -339,6 +343,12 @@ impl Loader {
         };
         let token_raw: raw::Token = take("token").and_then(|v| self.section("token", v)).unwrap_or_default();
         let keys_raw: raw::Keys = take("keys").and_then(|v| self.section("keys", v)).unwrap_or_default();
+        let max_in_flight: usize = take("max_in_flight_checks")
+            .and_then(|v| self.section("max_in_flight_checks", v))
+            .unwrap_or(4096);
+        if max_in_flight == 0 {
+            self.err("max_in_flight_checks", "must be greater than 0");
+        }
         let grace: u64 = take("shutdown_grace_seconds")
             .and_then(|v| self.section("shutdown_grace_seconds", v))
             .unwrap_or(10);
@@ -478,6 +488,7 @@ impl Loader {
                 token,
                 keys,
                 shutdown_grace: Duration::from_secs(grace),
+                max_in_flight,
                 forward,
                 outage_response,
                 tracing,

@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -126,6 +127,12 @@ impl Authorization for AuthorizationService {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
         let metrics = &self.state.metrics;
+        let policy = self.state.policy.load_full();
+        let Some(_slot) = Slot::take(&self.state.in_flight, policy.config.max_in_flight) else {
+            metrics.check_shed();
+            tracing::warn!(limit = policy.config.max_in_flight, "overloaded: check refused at once");
+            return Err(Status::resource_exhausted("subguard is overloaded: too many checks in flight"));
+        };
         let _in_flight = metrics.check_started();
         let req = request.into_inner();
         let view = EnvoyRequest::new(&req);
@@ -141,13 +148,31 @@ impl Authorization for AuthorizationService {
         );
         #[cfg(feature = "otel")]
         crate::telemetry::otel::join_trace(&span, view.header("traceparent"));
-        let policy = self.state.policy.load_full();
         let decision = policy.check(&view, unix_now()).instrument(span.clone()).await;
         span.record("tenant", decision.tenant.as_deref().unwrap_or(""));
         span.record("reason", decision.reason_code());
         let response = render(&decision, &policy, request_id);
         span.in_scope(|| metrics.check_finished(&decision, request_id, started.elapsed()));
         Ok(Response::new(response))
+    }
+}
+
+/// One of the `max_in_flight_checks` places; given back when dropped (also on cancellation).
+struct Slot<'a>(&'a AtomicUsize);
+
+impl<'a> Slot<'a> {
+    fn take(counter: &'a AtomicUsize, limit: usize) -> Option<Slot<'a>> {
+        if counter.fetch_add(1, Ordering::AcqRel) >= limit {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(counter))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -300,6 +325,22 @@ pub fn render(d: &Decision, policy: &Policy, request_id: Option<&str>) -> CheckR
 #[cfg(test)]
 mod tests {
     use super::trace_id;
+
+    #[test]
+    fn slots_are_limited_and_given_back() {
+        use super::Slot;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let n = AtomicUsize::new(0);
+        let a = Slot::take(&n, 2).unwrap();
+        let b = Slot::take(&n, 2).unwrap();
+        assert!(Slot::take(&n, 2).is_none());
+        assert_eq!(n.load(Ordering::SeqCst), 2);
+        drop(a);
+        let c = Slot::take(&n, 2);
+        assert!(c.is_some());
+        drop((b, c));
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+    }
 
     #[test]
     fn traceparent_parsing() {

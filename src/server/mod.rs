@@ -27,6 +27,8 @@ use prometheus_client::registry::Registry;
 /// State shared by the listeners. The policy is swapped whole on reload; readers never block.
 pub struct State {
     pub policy: ArcSwap<Policy>,
+    /// Checks being decided right now (for load shedding).
+    pub in_flight: std::sync::atomic::AtomicUsize,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     shutting_down: AtomicBool,
@@ -36,6 +38,7 @@ impl State {
     pub fn new(policy: Policy, metrics: Arc<Metrics>, registry: Registry) -> Arc<State> {
         Arc::new(State {
             policy: ArcSwap::from_pointee(policy),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
             metrics,
             registry,
             shutting_down: AtomicBool::new(false),

@@ -1,0 +1,80 @@
+//! Load shedding: beyond `max_in_flight_checks`, a check is refused at once with gRPC
+//! `RESOURCE_EXHAUSTED` (Envoy then applies its `status_on_error`) instead of queueing without
+//! bound behind a slow directory; it is counted in `subguard_checks_shed_total`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::check::CheckCall;
+use common::directory_server::{Answer, DirectoryServer};
+use common::{Algorithm, ConfigDir, Subguard, TokenBuilder};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checks_beyond_the_limit_are_refused_at_once_and_counted() {
+    let directory = DirectoryServer::start();
+    directory.set_default(Answer::user(json!({"id": "u"})).delayed(Duration::from_millis(800)));
+    let config = format!(
+        r#"
+listen:
+  grpc: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+tenant:
+  header: x-tenant-id
+max_in_flight_checks: 2
+directory:
+  kind: http
+  url: "{url}"
+  timeout_ms: 5000
+tenants:
+  acme:
+    issuers:
+      - issuer: "https://idp.acme.test/"
+        audiences: [orders]
+        jwks_file: keys/issuer-a.jwks.json
+"#,
+        url = directory.url_template()
+    );
+    let sg = Subguard::start_in(ConfigDir::with(&config, ""));
+    let client = sg.client().await;
+
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let mut client = client.clone();
+        // Distinct subs: no cache or coalescing can make the slow lookups cheap.
+        let token = TokenBuilder::new("rsa-1", Algorithm::RS256)
+            .iss("https://idp.acme.test/")
+            .aud("orders")
+            .sub(&format!("user-{i}"))
+            .build();
+        calls.push(tokio::spawn(async move { client.try_call(&CheckCall::new().tenant("acme").bearer(&token)).await }));
+    }
+    let (mut allowed, mut shed) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(out) if out.allowed => allowed += 1,
+            Ok(out) => panic!("unexpected deny: {out:#?}"),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                shed += 1;
+            }
+        }
+    }
+    assert!(allowed >= 2, "the first checks within the limit are decided: {allowed}");
+    assert!(shed >= 1, "checks beyond the limit are refused: allowed {allowed}, shed {shed}");
+    assert_eq!(allowed + shed, 8);
+    assert!(directory.total_requests() <= allowed, "refused checks never reached the directory");
+    let (_, metrics) = sg.admin_get("/metrics");
+    let counted: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("subguard_checks_shed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(counted, shed as f64, "{metrics}");
+
+    // Once the load is gone, checks are decided again.
+    let token =
+        TokenBuilder::new("rsa-1", Algorithm::RS256).iss("https://idp.acme.test/").aud("orders").sub("later").build();
+    assert!(client.clone().call(&CheckCall::new().tenant("acme").bearer(&token)).await.allowed);
+}

@@ -48,7 +48,9 @@ tenants:
             .aud("orders")
             .sub(&format!("user-{i}"))
             .build();
-        calls.push(tokio::spawn(async move { client.try_call(&CheckCall::new().tenant("acme").bearer(&token)).await }));
+        calls.push(tokio::spawn(async move {
+            client.try_call(&CheckCall::new().tenant("acme").bearer(&token)).await
+        }));
     }
     let (mut allowed, mut shed) = (0, 0);
     for c in calls {
@@ -74,7 +76,10 @@ tenants:
     assert_eq!(counted, shed as f64, "{metrics}");
 
     // Once the load is gone, checks are decided again.
-    let token =
-        TokenBuilder::new("rsa-1", Algorithm::RS256).iss("https://idp.acme.test/").aud("orders").sub("later").build();
+    let token = TokenBuilder::new("rsa-1", Algorithm::RS256)
+        .iss("https://idp.acme.test/")
+        .aud("orders")
+        .sub("later")
+        .build();
     assert!(client.clone().call(&CheckCall::new().tenant("acme").bearer(&token)).await.allowed);
 }

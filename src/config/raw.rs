@@ -23,11 +23,13 @@ pub struct TenantSource {
 pub struct Token {
     pub max_bytes: usize,
     pub leeway_seconds: u64,
+    /// Verified tokens remembered (0 disables the cache).
+    pub cache_max_entries: u64,
 }
 
 impl Default for Token {
     fn default() -> Self {
-        Token { max_bytes: 8192, leeway_seconds: 60 }
+        Token { max_bytes: 8192, leeway_seconds: 60, cache_max_entries: 100_000 }
     }
 }
 

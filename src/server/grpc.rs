@@ -216,10 +216,28 @@ pub fn metadata(d: &Decision) -> Struct {
         [("tenant", d.tenant.as_deref()), ("sub", d.sub.as_deref()), ("issuer", d.issuer.as_deref())]
     {
         if let Some(v) = v {
-            fields.insert(k.to_string(), string_value(v));
+            fields.insert(k.to_string(), string_value(&printable(v)));
         }
     }
     Struct { fields: fields.into_iter().collect() }
+}
+
+/// `s` with control characters written as `\u000a` escapes. A signed token's `sub` is still text
+/// its holder may have chosen; Envoy's text access log prints metadata as is, so a raw newline
+/// there would let it forge log lines.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// google.rpc codes, so gRPC-level tooling sees a meaningful status too (Envoy only cares OK or not).
@@ -340,6 +358,14 @@ mod tests {
         assert!(c.is_some());
         drop((b, c));
         assert_eq!(n.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn control_characters_never_reach_metadata_raw() {
+        use super::printable;
+        assert_eq!(printable("alice"), "alice");
+        assert_eq!(printable("a\nb\r\u{7f}c\u{85}"), "a\\u000ab\\u000d\\u007fc\\u0085");
+        assert_eq!(printable("jörg"), "jörg");
     }
 
     #[test]

@@ -193,6 +193,12 @@ pub struct BreakerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenCacheLabels {
+    /// `hit` (signature verification skipped) or `miss`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub outcome: &'static str,
 }
@@ -210,6 +216,7 @@ pub struct Metrics {
     check_duration: Histogram,
     in_flight: Gauge,
     shed: Counter,
+    token_cache: Family<TokenCacheLabels, Counter>,
     directory_lookups: Family<DirectoryLabels, Counter>,
     jwks_fetches: Family<JwksLabels, Counter>,
     breaker_state: Family<BreakerLabels, Gauge>,
@@ -245,6 +252,14 @@ impl Metrics {
             "Circuit breaker of each remote directory: 0 closed, 1 open, 2 half-open",
             m.breaker_state.clone(),
         );
+        r.register(
+            "token_cache_lookups",
+            "Verified-token cache lookups: hit skips signature verification",
+            m.token_cache.clone(),
+        );
+        for outcome in ["hit", "miss"] {
+            let _ = m.token_cache.get_or_create(&TokenCacheLabels { outcome });
+        }
         r.register("config_reloads", "Configuration reloads by outcome", m.config_reloads.clone());
         for outcome in ["ok", "error"] {
             let _ = m.config_reloads.get_or_create(&ReloadLabels { outcome });
@@ -266,11 +281,16 @@ impl Metrics {
             check_duration: Histogram::new(CHECK_BUCKETS),
             in_flight: Gauge::default(),
             shed: Counter::default(),
+            token_cache: Family::default(),
             directory_lookups: Family::default(),
             jwks_fetches: Family::default(),
             breaker_state: Family::default(),
             config_reloads: Family::default(),
         }
+    }
+
+    pub fn token_cache_lookup(&self, hit: bool) {
+        self.token_cache.get_or_create(&TokenCacheLabels { outcome: if hit { "hit" } else { "miss" } }).inc();
     }
 
     pub fn check_shed(&self) {

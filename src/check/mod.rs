@@ -266,9 +266,16 @@ impl Policy {
                 Some(format!("token of {} bytes exceeds max_bytes {}", raw.len(), self.token.max_bytes));
             return Err(Reason::MalformedToken);
         }
-        let facts = match self.token_cache.as_ref().and_then(|c| c.get(&tenant.name, raw)) {
-            Some(cached) if cached.still_verifiable(tenant) => cached,
-            _ => {
+        let cached = self
+            .token_cache
+            .as_ref()
+            .map(|c| c.get(&tenant.name, raw).filter(|f| f.still_verifiable(tenant)));
+        if let Some(found) = &cached {
+            self.metrics.token_cache_lookup(found.is_some());
+        }
+        let facts = match cached.flatten() {
+            Some(cached) => cached,
+            None => {
                 let facts = Arc::new(self.verify_token(tenant, raw, d).await?);
                 if let Some(cache) = &self.token_cache {
                     cache.insert(&tenant.name, raw, &facts, now, self.token.leeway_seconds);

@@ -7,12 +7,14 @@
 //! - [`keys`]: issuer key sets and their sources.
 //! - [`directory`]: user directories.
 //! - [`decision`]: the table of reasons.
+//! - [`explain`]: `subguard explain`, the traced pipeline for one token.
 //! - [`server`]: gRPC and admin listeners, Envoy request/response mapping, shutdown.
 
 pub mod check;
 pub mod config;
 pub mod decision;
 pub mod directory;
+pub mod explain;
 pub mod keys;
 pub mod server;
 pub mod telemetry;

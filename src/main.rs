@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use subguard::telemetry::{self, LogFormat};
+use subguard::check::Policy;
+use subguard::explain::{self, ExplainRequest};
+use subguard::telemetry::{self, LogFormat, Metrics};
 
 #[derive(Parser)]
 #[command(
@@ -33,7 +35,49 @@ enum Command {
         #[arg(long, env = "SUBGUARD_CONFIG")]
         config: PathBuf,
     },
+    /// Explain the decision for one token, step by step. Exit code 0 allow, 1 deny, 2 usage or
+    /// config error. The token comes from --token, --token-file or stdin.
+    Explain {
+        #[arg(long, env = "SUBGUARD_CONFIG")]
+        config: PathBuf,
+        /// The bearer token (without `Bearer `).
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        /// A file holding the token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The tenant, sent in the configured tenant header (or as the route's tenant).
+        #[arg(long, conflicts_with = "host")]
+        tenant: Option<String>,
+        /// The request's host (`:authority`).
+        #[arg(long)]
+        host: Option<String>,
+        /// A request header `NAME:VALUE`; repeatable.
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// Decide as of this unix time (default: now).
+        #[arg(long)]
+        at: Option<i64>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: ExplainFormat,
+    },
 }
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExplainFormat {
+    Text,
+    Json,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once(':') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_ascii_lowercase(), v.trim().to_string())),
+        _ => Err(format!("`{s}` is not NAME:VALUE")),
+    }
+}
+
+/// A usage or config error of `explain`.
+const EXPLAIN_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -53,6 +97,59 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Explain { config, token, token_file, tenant, host, headers, at, format } => {
+            let token = match read_token(token, token_file.as_deref(), &headers) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("subguard explain: {e}");
+                    return ExitCode::from(EXPLAIN_USAGE);
+                }
+            };
+            let cfg = match subguard::config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("subguard explain: invalid config {}:", config.display());
+                    for e in errors {
+                        eprintln!("  {e}");
+                    }
+                    return ExitCode::from(EXPLAIN_USAGE);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("subguard explain: cannot start the runtime: {e}");
+                    return ExitCode::from(EXPLAIN_USAGE);
+                }
+            };
+            let policy = match Policy::build(cfg, Metrics::detached()) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("subguard explain: {e}");
+                    return ExitCode::from(EXPLAIN_USAGE);
+                }
+            };
+            let req = ExplainRequest::build(
+                &policy,
+                &headers,
+                token.as_deref(),
+                tenant.as_deref(),
+                host.as_deref(),
+            );
+            let at = at.unwrap_or_else(subguard::server::grpc::unix_now);
+            let report = runtime.block_on(async {
+                let key_errors = match policy.fetch_missing_keys().await {
+                    Ok(()) => Vec::new(),
+                    Err(errors) => errors.iter().map(ToString::to_string).collect(),
+                };
+                explain::explain(&policy, &req, at, key_errors).await
+            });
+            match format {
+                ExplainFormat::Json => println!("{}", report.to_json()),
+                ExplainFormat::Text => print!("{}", report.to_text()),
+            }
+            ExitCode::from(report.exit_code())
+        }
         Command::Serve { config } => {
             let cfg = match subguard::config::load(&config) {
                 Ok(c) => c,
@@ -81,6 +178,30 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The token of `explain`: `--token`, `--token-file`, or stdin unless an Authorization header
+/// was given with `--header`. Surrounding whitespace is dropped; an empty token means none.
+fn read_token(
+    token: Option<String>,
+    file: Option<&std::path::Path>,
+    headers: &[(String, String)],
+) -> Result<Option<String>, String> {
+    let text = match (token, file) {
+        (Some(t), _) => t,
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).map_err(|e| format!("--token-file {}: {e}", f.display()))?
+        }
+        (None, None) if headers.iter().any(|(k, _)| k == "authorization") => return Ok(None),
+        (None, None) => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .map_err(|e| format!("stdin: {e}"))?;
+            s
+        }
+    };
+    let t = text.trim();
+    Ok((!t.is_empty()).then(|| t.to_string()))
 }
 
 async fn run(cfg: subguard::config::Config, log_format: LogFormat) -> anyhow::Result<()> {

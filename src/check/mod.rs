@@ -7,6 +7,7 @@
 //! [`RequestView`] trait and returns a [`Decision`]. That keeps every reason testable without
 //! Envoy, and lets `explain` run exactly the same code as the live server.
 
+pub mod explain;
 pub mod tenant;
 pub mod token;
 pub mod token_cache;
@@ -21,6 +22,8 @@ use crate::decision::{Decision, Identity, Outcome, Reason};
 use crate::directory::{Directory, Lookup};
 use crate::keys::{KeyMatch, KeyStore, http_client, spawn_refresh};
 use crate::telemetry::Metrics;
+use explain::{Status, Trace, note, step};
+use serde_json::{Value, json};
 use tenant::Source;
 use token_cache::{TokenCache, TokenFacts};
 
@@ -240,13 +243,29 @@ impl Policy {
 
     /// Runs the whole pipeline for one request. `now` is unix seconds.
     pub async fn check(&self, req: &impl RequestView, now: i64) -> Decision {
-        let tenant = match self.resolve_tenant(req) {
+        self.check_with(req, now, None).await
+    }
+
+    /// [`Policy::check`], recording what each step saw into `trace` when one is given (`explain`).
+    /// A traced check always verifies the token: it neither reads nor fills the verified-token
+    /// cache, so what it shows is what verification concludes now.
+    pub async fn check_with(
+        &self,
+        req: &impl RequestView,
+        now: i64,
+        mut trace: Option<&mut Trace>,
+    ) -> Decision {
+        let found = self.tenant_candidates(req);
+        let resolved = tenant::resolve(&found)
+            .and_then(|name| self.tenants.get(&name).cloned().ok_or(Reason::UnknownTenant));
+        note(&mut trace, || tenant_step(&found, &resolved, self));
+        let tenant = match resolved {
             Ok(t) => t,
             Err(r) => return Decision::deny(r),
         };
         let mut d = Decision::deny(Reason::InternalError);
         d.tenant = Some(tenant.name.clone());
-        d.outcome = match self.authorize(&tenant, req, now, &mut d).await {
+        d.outcome = match self.authorize(&tenant, req, now, &mut d, trace).await {
             Ok(identity) => Outcome::Allow(identity),
             Err(reason) => Outcome::Deny(reason),
         };
@@ -259,25 +278,52 @@ impl Policy {
         req: &impl RequestView,
         now: i64,
         d: &mut Decision,
+        mut trace: Option<&mut Trace>,
     ) -> Result<Identity, Reason> {
-        let raw = token::bearer(req.header("authorization"))?;
+        let raw = match token::bearer(req.header("authorization")) {
+            Ok(raw) => raw,
+            Err(r) => {
+                note(&mut trace, || {
+                    let summary = match (r, req.header("authorization")) {
+                        (Reason::MissingToken, None) => "no Authorization header".to_string(),
+                        (Reason::MissingToken, Some(_)) => {
+                            "the Authorization header holds no Bearer token".to_string()
+                        }
+                        _ => "the Bearer value has characters a compact JWS cannot contain (a repeated \
+                              header joined by a comma, spaces, `+/=`)"
+                            .to_string(),
+                    };
+                    step("token", Status::Fail, summary, Value::Null)
+                });
+                return Err(r);
+            }
+        };
         if raw.len() > self.token.max_bytes {
             d.detail =
                 Some(format!("token of {} bytes exceeds max_bytes {}", raw.len(), self.token.max_bytes));
+            note(&mut trace, || {
+                step(
+                    "token",
+                    Status::Fail,
+                    format!("{} bytes, over max_bytes {}", raw.len(), self.token.max_bytes),
+                    json!({"bytes": raw.len(), "max_bytes": self.token.max_bytes}),
+                )
+            });
             return Err(Reason::MalformedToken);
         }
-        let cached = self
-            .token_cache
-            .as_ref()
-            .map(|c| c.get(&tenant.name, raw).filter(|f| f.still_verifiable(tenant)));
+        let traced = trace.is_some();
+        let cached = match &self.token_cache {
+            Some(c) if !traced => Some(c.get(&tenant.name, raw).filter(|f| f.still_verifiable(tenant))),
+            _ => None,
+        };
         if let Some(found) = &cached {
             self.metrics.token_cache_lookup(found.is_some());
         }
         let facts = match cached.flatten() {
             Some(cached) => cached,
             None => {
-                let facts = Arc::new(self.verify_token(tenant, raw, d).await?);
-                if let Some(cache) = &self.token_cache {
+                let facts = Arc::new(self.verify_token(tenant, raw, d, trace.as_deref_mut()).await?);
+                if let Some(cache) = self.token_cache.as_ref().filter(|_| !traced) {
                     cache.insert(&tenant.name, raw, &facts, now, self.token.leeway_seconds);
                 }
                 facts
@@ -292,10 +338,23 @@ impl Policy {
         match claims.exp {
             None => {
                 d.detail = Some("the token has no exp".into());
+                note(&mut trace, || {
+                    time_step(claims, now, leeway, Status::Fail, "the token has no exp".into())
+                });
                 return Err(Reason::TokenExpired);
             }
             Some(exp) if now_f >= exp + leeway => {
                 d.detail = Some(format!("expired {}s ago (leeway {}s)", (now_f - exp) as i64, leeway as i64));
+                note(&mut trace, || {
+                    let ago = explain::human_duration((now_f - exp) as i64);
+                    time_step(
+                        claims,
+                        now,
+                        leeway,
+                        Status::Fail,
+                        format!("expired {ago} ago, leeway {}s", leeway as i64),
+                    )
+                });
                 return Err(Reason::TokenExpired);
             }
             Some(_) => {}
@@ -309,15 +368,56 @@ impl Policy {
                     (t - now_f) as i64,
                     leeway as i64
                 ));
+                note(&mut trace, || {
+                    let ahead = explain::human_duration((t - now_f) as i64);
+                    let summary = format!("{name} is {ahead} in the future, leeway {}s", leeway as i64);
+                    time_step(claims, now, leeway, Status::Fail, summary)
+                });
                 return Err(Reason::TokenNotYetValid);
             }
         }
+        note(&mut trace, || {
+            let left = claims.exp.map(|e| explain::human_duration((e - now_f) as i64)).unwrap_or_default();
+            let summary = if claims.exp.is_some_and(|e| e > now_f) {
+                format!("valid: expires in {left}, leeway {}s", leeway as i64)
+            } else {
+                format!("valid within the leeway: expired {left} ago, leeway {}s", leeway as i64)
+            };
+            time_step(claims, now, leeway, Status::Pass, summary)
+        });
+        let issuer = &tenant.issuers[facts.issuer];
         if !claims.audience_ok {
+            note(&mut trace, || {
+                step(
+                    "audience",
+                    Status::Fail,
+                    format!("no aud of the token is among the issuer's audiences {:?}", issuer.audiences),
+                    json!({"accepted": issuer.audiences}),
+                )
+            });
             return Err(Reason::InvalidAudience);
         }
-        let sub = claims.sub.as_deref().filter(|s| !s.is_empty()).ok_or(Reason::MissingSubject)?;
+        note(&mut trace, || {
+            step(
+                "audience",
+                Status::Pass,
+                format!("aud matches one of {:?}", issuer.audiences),
+                json!({"accepted": issuer.audiences}),
+            )
+        });
+        let Some(sub) = claims.sub.as_deref().filter(|s| !s.is_empty()) else {
+            note(&mut trace, || {
+                step("subject", Status::Fail, "the token has no sub (or an empty one)", Value::Null)
+            });
+            return Err(Reason::MissingSubject);
+        };
+        note(&mut trace, || step("subject", Status::Pass, format!("sub {sub:?}"), json!({"sub": sub})));
 
-        let user = match tenant.directory.lookup(&tenant.name, sub).await.result {
+        let answer = tenant.directory.lookup(&tenant.name, sub).await;
+        if trace.is_some() {
+            note(&mut trace, || directory_step(tenant, sub, &answer));
+        }
+        let user = match answer.result {
             Ok(Lookup::Found(u)) => u,
             Ok(Lookup::NotFound) => {
                 let looked_up = tenant.directory.normalize(sub);
@@ -331,29 +431,83 @@ impl Policy {
             }
         };
         if user.disabled {
+            note(&mut trace, || {
+                step("user", Status::Fail, "the user is disabled in the directory", Value::Null)
+            });
             return Err(Reason::UserDisabled);
         }
         if let Some(valid_after) = user.tokens_valid_after {
-            match claims.iat {
-                None => {
-                    d.detail = Some("the user has tokens_valid_after and the token has no iat".into());
-                    return Err(Reason::TokenRevoked);
-                }
+            let revoked = match claims.iat {
+                None => Some("the user has tokens_valid_after and the token has no iat".to_string()),
                 Some(iat) if iat < valid_after as f64 => {
-                    d.detail = Some(format!("iat {iat} is before tokens_valid_after {valid_after}"));
-                    return Err(Reason::TokenRevoked);
+                    Some(format!("iat {iat} is before tokens_valid_after {valid_after}"))
                 }
-                Some(_) => {}
+                Some(_) => None,
+            };
+            if let Some(why) = revoked {
+                note(&mut trace, || {
+                    step(
+                        "revocation",
+                        Status::Fail,
+                        format!("revoked: {why}"),
+                        json!({"iat": claims.iat, "tokens_valid_after": valid_after}),
+                    )
+                });
+                d.detail = Some(why);
+                return Err(Reason::TokenRevoked);
             }
         }
+        note(&mut trace, || {
+            step(
+                "user",
+                Status::Pass,
+                format!(
+                    "enabled, not revoked; id {:?}, roles {:?}",
+                    &*user.id,
+                    user.roles.as_deref().unwrap_or("")
+                ),
+                json!({"id": &*user.id, "roles": user.roles.as_deref(), "tokens_valid_after": user.tokens_valid_after}),
+            )
+        });
         Ok(Identity { user_id: user.id.clone(), roles: user.roles.clone() })
     }
 
     /// The expensive, cacheable half of a check: parse the token, match its issuer among the
     /// tenant's, check the algorithm, find the key and verify the signature. What it learns does not
     /// depend on the clock or the directory, so it can be reused for the token's lifetime.
-    async fn verify_token(&self, tenant: &Tenant, raw: &str, d: &mut Decision) -> Result<TokenFacts, Reason> {
-        let jws = token::parse(raw)?;
+    async fn verify_token(
+        &self,
+        tenant: &Tenant,
+        raw: &str,
+        d: &mut Decision,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<TokenFacts, Reason> {
+        let parsed = token::parse(raw);
+        note(&mut trace, || {
+            let (header, claims) = explain::decode_for_display(raw);
+            let data = json!({
+                "bytes": raw.len(),
+                "max_bytes": self.token.max_bytes,
+                "header": header,
+                "claims": claims,
+            });
+            match &parsed {
+                Ok(_) => step(
+                    "token",
+                    Status::Pass,
+                    format!("well-formed JWS, {} bytes (max_bytes {})", raw.len(), self.token.max_bytes),
+                    data,
+                ),
+                Err(_) => step(
+                    "token",
+                    Status::Fail,
+                    "not a well-formed compact JWS (three base64url parts of JSON objects, no crit, \
+                     claims of the right types)",
+                    data,
+                ),
+            }
+        });
+        let jws = parsed?;
         let claims = &jws.claims;
 
         let Some(index) =
@@ -366,19 +520,57 @@ impl Policy {
                     None => format!("iss {iss:?} is not trusted by any tenant"),
                 },
             });
+            note(&mut trace, || {
+                let trusted: Vec<&str> = tenant.issuers.iter().map(|i| &*i.iss).collect();
+                let other = claims.iss.as_deref().and_then(|iss| self.tenants_trusting(iss, &tenant.name));
+                step(
+                    "issuer",
+                    Status::Fail,
+                    d.detail.clone().unwrap_or_default(),
+                    json!({"iss": claims.iss, "tenant_trusts": trusted, "trusted_by_tenant": other}),
+                )
+            });
             return Err(Reason::UntrustedIssuer);
         };
         let issuer = &tenant.issuers[index];
         d.issuer = Some(issuer.iss.clone());
+        note(&mut trace, || {
+            step(
+                "issuer",
+                Status::Pass,
+                format!("iss {:?} is trusted by tenant {}", &*issuer.iss, tenant.name),
+                json!({"iss": &*issuer.iss}),
+            )
+        });
 
-        let alg = crate::config::parse_algorithm(&jws.header.alg)
-            .filter(|a| issuer.algorithms.contains(a))
-            .ok_or_else(|| {
+        let allowed =
+            crate::config::parse_algorithm(&jws.header.alg).filter(|a| issuer.algorithms.contains(a));
+        let names: Vec<String> = match trace {
+            Some(_) => issuer.algorithms.iter().map(|a| format!("{a:?}")).collect(),
+            None => Vec::new(),
+        };
+        let Some(alg) = allowed else {
             d.detail = Some(format!("alg {:?} is not allowed for this issuer", jws.header.alg));
-            Reason::UnsupportedAlgorithm
-        })?;
+            note(&mut trace, || {
+                step(
+                    "algorithm",
+                    Status::Fail,
+                    format!("alg {:?} is not among the issuer's algorithms {names:?}", jws.header.alg),
+                    json!({"alg": jws.header.alg, "allowed": names}),
+                )
+            });
+            return Err(Reason::UnsupportedAlgorithm);
+        };
+        note(&mut trace, || {
+            step(
+                "algorithm",
+                Status::Pass,
+                format!("alg {alg:?} is allowed ({names:?})"),
+                json!({"alg": jws.header.alg, "allowed": names}),
+            )
+        });
 
-        verify_signature(issuer, &jws, alg, d).await?;
+        verify_signature(issuer, &jws, alg, d, trace).await?;
         let token::Jws { header, claims, .. } = jws;
         Ok(TokenFacts {
             issuer: index,
@@ -411,6 +603,7 @@ async fn verify_signature(
     jws: &token::Jws<'_>,
     alg: jsonwebtoken::Algorithm,
     d: &mut Decision,
+    mut trace: Option<&mut Trace>,
 ) -> Result<(), Reason> {
     let kid = jws.header.kid.as_deref();
     let mut set = issuer.keys.current();
@@ -423,22 +616,64 @@ async fn verify_signature(
                 continue;
             }
             d.detail = Some("no keys have been loaded for this issuer".into());
+            note(&mut trace, || {
+                key_step(
+                    issuer,
+                    None,
+                    kid,
+                    refetched,
+                    Status::Fail,
+                    "no keys have been loaded for this issuer".into(),
+                )
+            });
             return Err(Reason::KeysUnavailable);
         };
         match keys.find(kid, alg) {
             KeyMatch::Candidates(candidates) => {
+                note(&mut trace, || {
+                    let kinds: Vec<&str> = candidates.iter().map(|k| k.kind.name()).collect();
+                    let summary = match kid {
+                        Some(k) => format!("kid {k:?} found: {} key, fits {alg:?}", kinds.join(", ")),
+                        None => format!(
+                            "no kid: trying {} key(s) that fit {alg:?} (at most {MAX_KIDLESS_CANDIDATES})",
+                            candidates.len()
+                        ),
+                    };
+                    key_step(issuer, Some(keys), kid, refetched, Status::Pass, summary)
+                });
                 for key in candidates.into_iter().take(MAX_KIDLESS_CANDIDATES) {
                     if let Ok(true) =
                         crypto::verify(jws.signature, jws.signing_input.as_bytes(), &key.key, alg)
                     {
+                        note(&mut trace, || {
+                            step("signature", Status::Pass, format!("valid {alg:?} signature"), Value::Null)
+                        });
                         return Ok(());
                     }
                 }
+                note(&mut trace, || {
+                    step(
+                        "signature",
+                        Status::Fail,
+                        "the signature does not verify with the key: signed by another key, or the token was altered",
+                        Value::Null,
+                    )
+                });
                 return Err(Reason::InvalidSignature);
             }
             KeyMatch::WrongType(key) => {
                 d.detail =
                     Some(format!("kid {kid:?} is a {} key, which cannot verify {alg:?}", key.kind.name()));
+                note(&mut trace, || {
+                    key_step(
+                        issuer,
+                        Some(keys),
+                        kid,
+                        refetched,
+                        Status::Fail,
+                        d.detail.clone().unwrap_or_default(),
+                    )
+                });
                 return Err(Reason::UnsupportedAlgorithm);
             }
             KeyMatch::NotFound => {
@@ -451,8 +686,127 @@ async fn verify_signature(
                     Some(k) => format!("no key with kid {k:?}"),
                     None => format!("no key fits {alg:?}"),
                 });
+                note(&mut trace, || {
+                    let kids: Vec<&str> = keys.keys.iter().filter_map(|k| k.kid.as_deref()).collect();
+                    let summary =
+                        format!("{}; the issuer's kids are {kids:?}", d.detail.as_deref().unwrap_or(""));
+                    key_step(issuer, Some(keys), kid, refetched, Status::Fail, summary)
+                });
                 return Err(Reason::UnknownKey);
             }
         }
     }
+}
+
+/// What each tenant source said, and which tenant they gave.
+fn tenant_step(
+    found: &[(Source, Option<String>)],
+    resolved: &Result<Arc<Tenant>, Reason>,
+    policy: &Policy,
+) -> explain::Step {
+    let sources: Vec<Value> = found.iter().map(|(s, t)| json!({"source": s.name(), "tenant": t})).collect();
+    let said: Vec<String> =
+        found.iter().map(|(s, t)| format!("{}={}", s.name(), t.as_deref().unwrap_or("(none)"))).collect();
+    let said = if said.is_empty() {
+        "no tenant source is configured or present".to_string()
+    } else {
+        said.join(", ")
+    };
+    let (status, summary) = match resolved {
+        Ok(t) => {
+            let from: Vec<&str> =
+                found.iter().filter(|(_, v)| v.as_deref() == Some(&*t.name)).map(|(s, _)| s.name()).collect();
+            (Status::Pass, format!("tenant {} (from {}); sources: {said}", t.name, from.join(", ")))
+        }
+        Err(Reason::TenantMismatch) => (Status::Fail, format!("the sources disagree: {said}")),
+        Err(Reason::UnknownTenant) => {
+            let mut known: Vec<&str> = policy.tenants.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            (
+                Status::Fail,
+                format!("no configured tenant of that name ({said}); configured: {}", known.join(", ")),
+            )
+        }
+        Err(_) => (Status::Fail, format!("no source gave a tenant (or not a valid DNS label): {said}")),
+    };
+    explain::step("tenant", status, summary, json!({"sources": sources}))
+}
+
+/// The key lookup: kid, source, where and when the keys were fetched.
+fn key_step(
+    issuer: &Issuer,
+    keys: Option<&Arc<crate::keys::KeySet>>,
+    kid: Option<&str>,
+    refetched: bool,
+    status: Status,
+    summary: String,
+) -> explain::Step {
+    let source = issuer.keys.source();
+    let from = match source {
+        KeySource::File { path, .. } => Some(path.display().to_string()),
+        _ => issuer.keys.resolved_from().map(|s| s.to_string()),
+    };
+    let fetched_at =
+        keys.and_then(|k| k.fetched_at.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
+    let summary = format!(
+        "{summary} [keys: {} source{}{}{}]",
+        source.kind(),
+        from.as_deref().map(|f| format!(" {f}")).unwrap_or_default(),
+        fetched_at.map(|t| format!(", fetched at {t}")).unwrap_or_default(),
+        if refetched { ", re-fetched for this token" } else { "" },
+    );
+    explain::step(
+        "key",
+        status,
+        summary,
+        json!({
+            "kid": kid,
+            "source": source.kind(),
+            "resolved_from": from,
+            "fetched_at": fetched_at,
+            "refetched": refetched,
+            "kids": keys.map(|k| k.keys.iter().map(|k| json!({"kid": k.kid, "type": k.kind.name()})).collect::<Vec<_>>()),
+            "skipped": keys.map(|k| k.skipped.clone()),
+        }),
+    )
+}
+
+/// The time claims against the clock.
+fn time_step(claims: &TokenFacts, now: i64, leeway: f64, status: Status, summary: String) -> explain::Step {
+    explain::step(
+        "time",
+        status,
+        format!("{summary} (now {now})"),
+        json!({"now": now, "leeway_seconds": leeway as i64, "exp": claims.exp, "nbf": claims.nbf, "iat": claims.iat}),
+    )
+}
+
+/// The directory lookup as made: where, for which sub, the answer and whether the cache gave it.
+fn directory_step(tenant: &Tenant, sub: &str, answer: &crate::directory::Answer) -> explain::Step {
+    let looked_up = tenant.directory.normalize(sub);
+    let lookup = tenant.directory.describe(&tenant.name, &looked_up);
+    let served = match answer.served {
+        crate::directory::cache::Served::CacheHit => "cache hit",
+        crate::directory::cache::Served::Directory => "asked the directory",
+        crate::directory::cache::Served::Stale => "stale cache entry (the directory failed)",
+    };
+    let cache = if tenant.directory.cache().is_some() { served } else { "no cache (file directory)" };
+    let (status, found) = match &answer.result {
+        Ok(Lookup::Found(_)) => (Status::Pass, "found"),
+        Ok(Lookup::NotFound) => (Status::Fail, "not found"),
+        Err(_) => (Status::Fail, "error"),
+    };
+    let mut summary = format!("{found}: {lookup}; {cache}");
+    if looked_up != sub {
+        summary.push_str(&format!("; sub {sub:?} normalised to {:?}", &*looked_up));
+    }
+    if let Err(e) = &answer.result {
+        summary.push_str(&format!("; {e}"));
+    }
+    explain::step(
+        "directory",
+        status,
+        summary,
+        json!({"lookup": lookup, "sub": sub, "looked_up": &*looked_up, "answer": found, "cache": cache}),
+    )
 }

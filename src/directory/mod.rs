@@ -197,6 +197,12 @@ impl Directory {
         answer
     }
 
+    /// Asks the backend directly for exactly `sub`: no normalisation, cache, breaker or metrics.
+    /// For `explain`'s hints, which must not change what the live path will see.
+    pub async fn lookup_uncached(&self, tenant: &str, sub: &str) -> Result<Lookup, DirectoryError> {
+        self.backend.fetch(tenant, sub).await.map_err(DirectoryError::from)
+    }
+
     /// A backend call that respects the breaker.
     async fn guarded_fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, DirectoryError> {
         let permit = self.breaker.acquire();

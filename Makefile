@@ -8,6 +8,7 @@ SUBGUARD := target/debug/subguard
 
 .PHONY: all venv build demo lint test validate-envoy clean
 .PHONY: k8s-tools validate-k8s
+.PHONY: fuzz fuzz-smoke fuzz-build fuzz-tools
 
 all: build
 
@@ -44,6 +45,7 @@ test: venv lint
 	$(MAKE) validate-envoy
 	$(MAKE) validate-k8s BUILD=
 	$(MAKE) demo BUILD=
+	$(MAKE) fuzz-smoke
 
 # Every Envoy config we ship must load in the Envoy version we test against.
 validate-envoy: venv
@@ -81,3 +83,56 @@ clean:
 	$(CARGO) clean
 	rm -rf $(VENV) .demo
 	rm -rf .tools
+	rm -rf fuzz/target fuzz/work
+
+# Coverage-guided fuzzing of the hostile-input front ends (fuzz/, SECURITY.md): the token parser,
+# tenant extraction, config loading and the users file. cargo-fuzz drives libFuzzer; with `-s none`
+# it needs only stable rustc options (no nightly toolchain). Targets are built optimised with debug
+# assertions and overflow checks (-O -a). A run grows fuzz/work/<target> (git-ignored) from the
+# seeds in fuzz/corpus/<target>; a crash fails it and leaves the input in fuzz/artifacts/<target>.
+FUZZ_TARGETS := token tenant config users_file
+FUZZ_SECONDS ?= 300
+FUZZ_SMOKE_SECONDS ?= 4
+CARGO_FUZZ_VERSION := 0.13.2
+FUZZ_FLAGS := -s none -O -a --fuzz-dir fuzz
+
+fuzz-tools:
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked || { \
+		echo "cannot install cargo-fuzz $(CARGO_FUZZ_VERSION) from crates.io (libFuzzer also needs a C++ compiler: apt install g++)"; exit 1; }
+
+fuzz-build: fuzz-tools
+	$(CARGO) fuzz build $(FUZZ_FLAGS)
+
+# $(1): seconds per target. Prints libFuzzer's closing coverage line per target; on a crash, the
+# end of its log and where the input is.
+define fuzz_run
+	@set -e; mkdir -p fuzz/work; for t in $(FUZZ_TARGETS); do \
+		dict=fuzz/dict/$$t.dict; [ -f $$dict ] || dict=fuzz/dict/config.dict; \
+		mkdir -p fuzz/work/$$t; \
+		if ! $(CARGO) fuzz run $(FUZZ_FLAGS) $$t fuzz/work/$$t fuzz/corpus/$$t -- \
+			-dict=$$dict -max_total_time=$(1) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+			> fuzz/work/$$t.log 2>&1; then \
+			tail -n 60 fuzz/work/$$t.log; \
+			echo "fuzz target $$t FAILED: the crashing input is in fuzz/artifacts/$$t/ (log: fuzz/work/$$t.log)"; exit 1; \
+		fi; \
+		echo "fuzz $$t ($(1) s): $$(grep -E '^#[0-9]+' fuzz/work/$$t.log | tail -n 1)"; \
+	done
+endef
+
+fuzz: fuzz-build
+	$(call fuzz_run,$(FUZZ_SECONDS))
+
+fuzz-smoke: fuzz-build
+	$(call fuzz_run,$(FUZZ_SMOKE_SECONDS))
+
+# Performance (docs/benchmarks.md, docs/loadtest-results.md); never part of `make test`. First the
+# criterion benches of the in-process decision, then the side-by-side load harness: one Envoy, five
+# listeners on 127.0.0.1 (no auth, jwt_authn, a do-nothing ext_authz server, subguard over TCP and
+# over a Unix socket), wrk from Debian (installed when missing). LOADBENCH_ARGS passes options to
+# scripts/loadbench.py, e.g. `make bench LOADBENCH_ARGS="--rounds 3 --seconds 5"`.
+.PHONY: bench
+LOADBENCH_ARGS ?=
+
+bench: venv
+	$(CARGO) bench --bench decision
+	$(VENV)/bin/python scripts/loadbench.py $(LOADBENCH_ARGS)

@@ -570,11 +570,12 @@ impl Policy {
             )
         });
 
-        verify_signature(issuer, &jws, alg, d, trace).await?;
+        let key = verify_signature(issuer, &jws, alg, d, trace).await?;
         let token::Jws { header, claims, .. } = jws;
         Ok(TokenFacts {
             issuer: index,
             kid: header.kid,
+            key,
             audience_ok: claims.aud.as_ref().is_some_and(|a| a.contains_any(&issuer.audiences)),
             sub: claims.sub,
             exp: claims.exp,
@@ -604,7 +605,7 @@ async fn verify_signature(
     alg: jsonwebtoken::Algorithm,
     d: &mut Decision,
     mut trace: Option<&mut Trace>,
-) -> Result<(), Reason> {
+) -> Result<[u8; 32], Reason> {
     let kid = jws.header.kid.as_deref();
     let mut set = issuer.keys.current();
     let mut refetched = false;
@@ -648,7 +649,7 @@ async fn verify_signature(
                         note(&mut trace, || {
                             step("signature", Status::Pass, format!("valid {alg:?} signature"), Value::Null)
                         });
-                        return Ok(());
+                        return Ok(key.fingerprint);
                     }
                 }
                 note(&mut trace, || {
@@ -662,8 +663,11 @@ async fn verify_signature(
                 return Err(Reason::InvalidSignature);
             }
             KeyMatch::WrongType(key) => {
-                d.detail =
-                    Some(format!("kid {kid:?} is a {} key, which cannot verify {alg:?}", key.kind.name()));
+                d.detail = Some(format!(
+                    "kid {:?} is a {} key, which cannot verify {alg:?}",
+                    kid.unwrap_or_default(),
+                    key.kind.name()
+                ));
                 note(&mut trace, || {
                     key_step(
                         issuer,

@@ -4,8 +4,8 @@
 //! the directory (the user, disabled, tokens_valid_after) is still checked on every request.
 //!
 //! An entry lives until the token expires (plus leeway), at most an hour, and is only used while
-//! the issuer still publishes the key that verified it, so removing a key from the JWKS stops its
-//! tokens at the next refresh. Only tokens with a `kid` are cached. The cache belongs to one
+//! the issuer still publishes the very key that verified it (same `kid`, same key material), so
+//! removing or replacing a key in the JWKS stops its tokens at the next refresh. Only tokens with a `kid` are cached. The cache belongs to one
 //! policy: a reload starts empty. Tokens that fail verification are never cached, so an attacker
 //! cannot fill it with forgeries.
 
@@ -24,6 +24,8 @@ pub struct TokenFacts {
     /// Index of the matched issuer in the tenant's issuers.
     pub issuer: usize,
     pub kid: Option<String>,
+    /// Fingerprint of the key that verified the signature.
+    pub key: [u8; 32],
     /// `aud` holds one of the issuer's audiences.
     pub audience_ok: bool,
     pub sub: Option<String>,
@@ -33,12 +35,15 @@ pub struct TokenFacts {
 }
 
 impl TokenFacts {
-    /// Whether the key that verified this token is still published by its issuer.
+    /// Whether the very key that verified this token is still published by its issuer under the
+    /// same `kid` (a key replaced under its old `kid` is a different key).
     pub fn still_verifiable(&self, tenant: &Tenant) -> bool {
         let (Some(issuer), Some(kid)) = (tenant.issuers.get(self.issuer), self.kid.as_deref()) else {
             return false;
         };
-        issuer.keys.current().is_some_and(|set| set.keys.iter().any(|k| k.kid.as_deref() == Some(kid)))
+        issuer.keys.current().is_some_and(|set| {
+            set.keys.iter().any(|k| k.kid.as_deref() == Some(kid) && k.fingerprint == self.key)
+        })
     }
 }
 
@@ -123,6 +128,7 @@ mod tests {
         Arc::new(TokenFacts {
             issuer: 0,
             kid: kid.map(String::from),
+            key: [0; 32],
             audience_ok: true,
             sub: Some("s".into()),
             exp,

@@ -66,11 +66,17 @@ impl UsersFile {
                     errors.push(ConfigError::new(format!("{at}.sub"), "must not be empty"));
                     continue;
                 }
-                if u.roles.iter().any(|r| r.is_empty() || r.contains(',')) {
+                if u.roles.iter().any(|r| r.is_empty() || r.contains(',') || r.chars().any(char::is_control))
+                {
                     errors.push(ConfigError::new(
                         format!("{at}.roles"),
-                        "a role must be non-empty and contain no comma",
+                        "a role must be non-empty and contain no comma or control character",
                     ));
+                    continue;
+                }
+                // The id (or the sub standing in for it) becomes a request header upstream.
+                if u.id.as_deref().unwrap_or(&u.sub).chars().any(char::is_control) {
+                    errors.push(ConfigError::new(format!("{at}.id"), "must not contain control characters"));
                     continue;
                 }
                 let user = User {

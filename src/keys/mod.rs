@@ -75,6 +75,8 @@ impl KeyKind {
 /// One verification key.
 pub struct VerifyingKey {
     pub kid: Option<String>,
+    /// SHA-256 of the key material, so a key replaced under the same `kid` is a different key.
+    pub fingerprint: [u8; 32],
     pub kind: KeyKind,
     /// The JWK's own `alg`, when it pins one.
     pub alg: Option<Algorithm>,
@@ -241,7 +243,14 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
     {
         return Err(format!("alg {a:?} does not fit a {} key", kind.name()));
     }
-    Ok(VerifyingKey { kid: jwk.kid, kind, alg, key })
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for part in [&jwk.kty, &jwk.crv, &jwk.n, &jwk.e, &jwk.x, &jwk.y] {
+        ctx.update(part.as_deref().unwrap_or("").as_bytes());
+        ctx.update(&[0]);
+    }
+    let mut fingerprint = [0u8; 32];
+    fingerprint.copy_from_slice(ctx.finish().as_ref());
+    Ok(VerifyingKey { kid: jwk.kid, fingerprint, kind, alg, key })
 }
 
 /// Key URLs must be `https`, except loopback addresses, which may use `http` (local setups and

@@ -4,8 +4,11 @@
 //!
 //! Groups (see `docs/benchmarks.md` for results and how to read them):
 //! - `allow_file_directory`: allowed requests against the in-memory users file. `same_token/RS256`
-//!   sends one token every time; there is no verified-token cache, so every check still verifies
-//!   the RS256 signature. `new_token/*` cycles through 10 000 distinct pre-minted tokens.
+//!   sends one token every time, with the verified-token cache (the warm path) and without it
+//!   (`token.cache_max_entries: 0`, a signature verification per check). `new_token/*` cycles
+//!   through 10 000 distinct pre-minted tokens with the cache off, so every check verifies.
+//! - Every group but the warm `same_token` runs with the token cache off, so its numbers show the
+//!   pipeline's own costs.
 //! - `deny_early`: the cheap denials decided before any key is looked up.
 //! - `directory_eddsa`: an `http` directory against a fixture server on 127.0.0.1 (own thread,
 //!   own runtime, answering 200 `{"id":"u-1"}`), cache hit versus miss; the file directory with the
@@ -186,11 +189,13 @@ acme:
     roles: [viewer]
 "#;
 
-fn config_yaml(directory_url: &str) -> String {
+fn config_yaml(directory_url: &str, token_cache_entries: u64) -> String {
     format!(
         r#"
 tenant:
   header: x-tenant-id
+token:
+  cache_max_entries: {token_cache_entries}
 directory:
   kind: file
   path: users.yaml
@@ -222,13 +227,17 @@ tenants:
 }
 
 /// Writes the config, users file and JWKS into a temporary folder and builds the [`Policy`].
-fn build_policy(rt: &Runtime, directory_addr: SocketAddr) -> (tempfile::TempDir, Policy) {
+fn build_policy(
+    rt: &Runtime,
+    directory_addr: SocketAddr,
+    token_cache_entries: u64,
+) -> (tempfile::TempDir, Policy) {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::copy(keys_dir().join("issuer-a.jwks.json"), dir.path().join("issuer-a.jwks.json")).unwrap();
     std::fs::write(dir.path().join("users.yaml"), USERS_YAML).unwrap();
     let url = format!("http://{directory_addr}/tenants/{{tenant}}/users/{{sub}}");
     let config_path = dir.path().join("subguard.yaml");
-    std::fs::write(&config_path, config_yaml(&url)).unwrap();
+    std::fs::write(&config_path, config_yaml(&url, token_cache_entries)).unwrap();
     let config = subguard::config::load(&config_path).unwrap_or_else(|errs| {
         panic!("bench config invalid:\n{}", errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
     });
@@ -284,8 +293,10 @@ fn expect(rt: &Runtime, policy: &Policy, req: &Request, now: i64, code: &str) {
 fn decision(c: &mut Criterion) {
     let rt = runtime();
     let fixture = start_directory();
-    let (_dir, policy) = build_policy(&rt, fixture.addr);
+    let (_dir, policy) = build_policy(&rt, fixture.addr, 0);
     let policy = &policy;
+    let (_dir_cached, cached_policy) = build_policy(&rt, fixture.addr, 100_000);
+    let cached_policy = &cached_policy;
     let now = now();
 
     let rs = Minter::new("rsa-1", Algorithm::RS256, "RS256", now - 10);
@@ -297,7 +308,11 @@ fn decision(c: &mut Criterion) {
         let mut g = c.benchmark_group("allow_file_directory");
         let same = Request::bearer("acme", &rs.token(ISSUER, SUB, 0));
         expect(&rt, policy, &same, now, "ok");
-        g.bench_function("same_token/RS256 (no token cache: verifies every check)", |b| {
+        expect(&rt, cached_policy, &same, now, "ok");
+        g.bench_function("same_token/RS256 (verified-token cache: the warm path)", |b| {
+            b.to_async(&rt).iter(|| cached_policy.check(&same, now))
+        });
+        g.bench_function("same_token/RS256 (token cache off: verifies every check)", |b| {
             b.to_async(&rt).iter(|| policy.check(&same, now))
         });
         for minter in [&rs, &es, &ed] {

@@ -331,6 +331,23 @@ async fn keys_unavailable_shows_the_failed_fetch() {
     assert!(headers.iter().any(|h| h[0] == "retry-after"), "{r:#}");
 }
 
+#[tokio::test]
+async fn directory_unavailable_shows_the_failed_lookup() {
+    // The directory is an HTTP service nobody listens on.
+    let down = format!("http://127.0.0.1:{}/users/{{sub}}", common::free_port());
+    let config = CONFIG.replace(
+        "directory:\n  kind: file\n  path: users.yaml",
+        &format!("directory:\n  kind: http\n  url: \"{down}\"\n  timeout_ms: 500"),
+    );
+    assert!(config.contains("kind: http"), "the config replacement must apply");
+    let sg = Subguard::start_in(ConfigDir::with(&config, &users_yaml()));
+    let r = agree(&sg, Input::acme(acme().build()), "directory_unavailable").await;
+    let directory = step(&r, "directory");
+    assert!(directory.to_string().contains("127.0.0.1"), "the exact lookup is shown: {r:#}");
+    let headers = r["decision"]["headers"].as_array().unwrap();
+    assert!(headers.iter().any(|h| h[0] == "retry-after"), "{r:#}");
+}
+
 // Hints: the seeds' common root causes of `user_not_found`.
 
 fn hints_for(sub: &str, tenant: &'static str) -> Vec<String> {

@@ -219,10 +219,9 @@ impl Policy {
         self.key_stores().all(|k| k.is_ready())
     }
 
-    /// The tenant of a request, by every configured source.
-    pub fn resolve_tenant(&self, req: &impl RequestView) -> Result<Arc<Tenant>, Reason> {
-        let found = self.tenant_candidates(req);
-        let name = tenant::resolve(&found)?;
+    /// The configured tenant the sources agree on (see [`Policy::tenant_candidates`]).
+    pub fn resolve_tenant(&self, found: &[(Source, Option<String>)]) -> Result<Arc<Tenant>, Reason> {
+        let name = tenant::resolve(found)?;
         self.tenants.get(&name).cloned().ok_or(Reason::UnknownTenant)
     }
 
@@ -256,8 +255,7 @@ impl Policy {
         mut trace: Option<&mut Trace>,
     ) -> Decision {
         let found = self.tenant_candidates(req);
-        let resolved = tenant::resolve(&found)
-            .and_then(|name| self.tenants.get(&name).cloned().ok_or(Reason::UnknownTenant));
+        let resolved = self.resolve_tenant(&found);
         note(&mut trace, || tenant_step(&found, &resolved, self));
         let tenant = match resolved {
             Ok(t) => t,

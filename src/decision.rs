@@ -27,12 +27,13 @@ pub enum Reason {
     TokenRevoked,
     DirectoryUnavailable,
     KeysUnavailable,
+    RevocationUnavailable,
     InternalError,
 }
 
 impl Reason {
     /// Every reason, in the order the pipeline checks them.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::MissingTenant,
         Reason::UnknownTenant,
         Reason::TenantMismatch,
@@ -51,6 +52,7 @@ impl Reason {
         Reason::TokenRevoked,
         Reason::DirectoryUnavailable,
         Reason::KeysUnavailable,
+        Reason::RevocationUnavailable,
         Reason::InternalError,
     ];
 
@@ -75,6 +77,7 @@ impl Reason {
             Reason::TokenRevoked => "token_revoked",
             Reason::DirectoryUnavailable => "directory_unavailable",
             Reason::KeysUnavailable => "keys_unavailable",
+            Reason::RevocationUnavailable => "revocation_unavailable",
             Reason::InternalError => "internal_error",
         }
     }
@@ -96,7 +99,7 @@ impl Reason {
             | Reason::InvalidAudience
             | Reason::MissingSubject
             | Reason::TokenRevoked => 401,
-            Reason::DirectoryUnavailable | Reason::KeysUnavailable => 503,
+            Reason::DirectoryUnavailable | Reason::KeysUnavailable | Reason::RevocationUnavailable => 503,
             Reason::InternalError => 500,
         }
     }
@@ -107,7 +110,7 @@ impl Reason {
     /// sooner rarely helps; a directory blip is usually over within a second.
     pub const fn retry_after_seconds(self) -> Option<u32> {
         match self {
-            Reason::DirectoryUnavailable => Some(1),
+            Reason::DirectoryUnavailable | Reason::RevocationUnavailable => Some(1),
             Reason::KeysUnavailable => Some(5),
             _ => None,
         }
@@ -115,7 +118,13 @@ impl Reason {
 
     /// True for reasons that mean "we could not decide" rather than "the request is not allowed".
     pub const fn is_outage(self) -> bool {
-        matches!(self, Reason::DirectoryUnavailable | Reason::KeysUnavailable | Reason::InternalError)
+        matches!(
+            self,
+            Reason::DirectoryUnavailable
+                | Reason::KeysUnavailable
+                | Reason::RevocationUnavailable
+                | Reason::InternalError
+        )
     }
 
     /// A human sentence for the response body and `error_description`.
@@ -145,6 +154,7 @@ impl Reason {
                 format!("the user directory of tenant {t} is unavailable")
             }
             Reason::KeysUnavailable => "the issuer keys are unavailable".into(),
+            Reason::RevocationUnavailable => "the revocation store is unavailable".into(),
             Reason::InternalError => "internal error".into(),
         }
     }
@@ -239,6 +249,7 @@ mod tests {
             ("token_revoked", 401),
             ("directory_unavailable", 503),
             ("keys_unavailable", 503),
+            ("revocation_unavailable", 503),
             ("internal_error", 500),
         ];
         assert_eq!(table.len(), Reason::ALL.len());

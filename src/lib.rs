@@ -16,5 +16,6 @@ pub mod decision;
 pub mod directory;
 pub mod explain;
 pub mod keys;
+pub mod revocation;
 pub mod server;
 pub mod telemetry;

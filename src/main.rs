@@ -61,6 +61,49 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: ExplainFormat,
     },
+    /// Revoke one token in every sidecar that shares the config's Redis (`revocation:`): stores
+    /// its jti until exp (plus the config's leeway) and publishes a `token.revoked` event.
+    /// Exit code 0 done, 1 Redis failed, 2 usage or config error.
+    Revoke {
+        #[arg(long, env = "SUBGUARD_CONFIG")]
+        config: PathBuf,
+        /// The token's `jti` claim.
+        #[arg(long)]
+        jti: String,
+        /// The token's `exp` claim (unix seconds): the revocation lasts as long as the token.
+        #[arg(long)]
+        exp: i64,
+    },
+    /// Publish a user event to every sidecar that shares the config's Redis: each drops the user's
+    /// cached directory answer, and holds a deleted / disabled / tokens-revoked verdict for
+    /// `event_hold_seconds`. Exit code 0 done, 1 Redis failed, 2 usage or config error.
+    Evict {
+        #[arg(long, env = "SUBGUARD_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        sub: String,
+        /// What happened to the user.
+        #[arg(long, value_enum, default_value = "user.updated")]
+        event: UserEvent,
+        /// With `--event user.tokens_revoked`: tokens issued before this unix time are revoked
+        /// (default: now).
+        #[arg(long)]
+        tokens_valid_after: Option<i64>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UserEvent {
+    #[value(name = "user.updated")]
+    Updated,
+    #[value(name = "user.deleted")]
+    Deleted,
+    #[value(name = "user.disabled")]
+    Disabled,
+    #[value(name = "user.tokens_revoked")]
+    TokensRevoked,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -150,6 +193,27 @@ fn main() -> ExitCode {
             }
             ExitCode::from(report.exit_code())
         }
+        Command::Revoke { config, jti, exp } => {
+            publish(&config, subguard::revocation::Event::TokenRevoked { jti, exp })
+        }
+        Command::Evict { config, tenant, sub, event, tokens_valid_after } => {
+            use subguard::revocation::Event;
+            if tokens_valid_after.is_some() && event != UserEvent::TokensRevoked {
+                eprintln!("subguard evict: --tokens-valid-after goes with --event user.tokens_revoked");
+                return ExitCode::from(EXPLAIN_USAGE);
+            }
+            let event = match event {
+                UserEvent::Updated => Event::UserUpdated { tenant, sub },
+                UserEvent::Deleted => Event::UserDeleted { tenant, sub },
+                UserEvent::Disabled => Event::UserDisabled { tenant, sub },
+                UserEvent::TokensRevoked => Event::UserTokensRevoked {
+                    tenant,
+                    sub,
+                    tokens_valid_after: tokens_valid_after.unwrap_or_else(subguard::server::grpc::unix_now),
+                },
+            };
+            publish(&config, event)
+        }
         Command::Serve { config } => {
             let cfg = match subguard::config::load(&config) {
                 Ok(c) => c,
@@ -176,6 +240,73 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `revoke` and `evict`: validate the event, publish it through the config's Redis.
+fn publish(config: &std::path::Path, event: subguard::revocation::Event) -> ExitCode {
+    let name =
+        if matches!(event, subguard::revocation::Event::TokenRevoked { .. }) { "revoke" } else { "evict" };
+    if let Err(e) = event.validate() {
+        eprintln!("subguard {name}: {e}");
+        return ExitCode::from(EXPLAIN_USAGE);
+    }
+    let cfg = match subguard::config::load(config) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("subguard {name}: invalid config {}:", config.display());
+            for e in errors {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(EXPLAIN_USAGE);
+        }
+    };
+    let Some(settings) = cfg.revocation.clone() else {
+        eprintln!(
+            "subguard {name}: {} has no `revocation:` section (no Redis to publish to)",
+            config.display()
+        );
+        return ExitCode::from(EXPLAIN_USAGE);
+    };
+    if let Some((tenant, _)) = event.user()
+        && !cfg.tenants.contains_key(tenant)
+    {
+        eprintln!("subguard {name}: warning: tenant `{tenant}` is not configured in {}", config.display());
+    }
+    let channel = settings.channel.clone();
+    let revocation = match subguard::revocation::Revocation::new(settings, None, Metrics::detached()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("subguard {name}: {e}");
+            return ExitCode::from(EXPLAIN_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("subguard {name}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(revocation.publish(&event, cfg.token.leeway_seconds)) {
+        Ok(receivers) => {
+            println!("{} published on {channel}: {receivers} subscriber(s) received it", event.to_json());
+            if receivers == 0 {
+                eprintln!(
+                    "subguard {name}: warning: no sidecar is subscribed to {channel} right now{}",
+                    if name == "revoke" {
+                        " (the revoked jti is stored and every check will see it)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("subguard {name}: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -204,6 +204,19 @@ pub struct ReloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// The event `type` (`invalid` for a message that is not an event).
+    pub r#type: &'static str,
+    /// `applied`, `ignored` (a tenant not served here) or `invalid`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -221,6 +234,10 @@ pub struct Metrics {
     jwks_fetches: Family<JwksLabels, Counter>,
     breaker_state: Family<BreakerLabels, Gauge>,
     config_reloads: Family<ReloadLabels, Counter>,
+    revocation_lookups: Family<OutcomeLabels, Counter>,
+    revocation_events: Family<EventLabels, Counter>,
+    revocation_connected: Gauge,
+    revocation_reconnects: Counter,
 }
 
 impl Metrics {
@@ -264,6 +281,26 @@ impl Metrics {
         for outcome in ["ok", "error"] {
             let _ = m.config_reloads.get_or_create(&ReloadLabels { outcome });
         }
+        r.register(
+            "revocation_lookups",
+            "Revoked-jti lookups: revoked, not_revoked, cache_hit (answered locally), unavailable (Redis not asked or failed)",
+            m.revocation_lookups.clone(),
+        );
+        r.register(
+            "revocation_events",
+            "Revocation channel messages by event type and outcome (applied, ignored, invalid)",
+            m.revocation_events.clone(),
+        );
+        r.register(
+            "revocation_redis_connected",
+            "1 while the revocation subscriber is subscribed to Redis, else 0",
+            m.revocation_connected.clone(),
+        );
+        r.register(
+            "revocation_reconnects",
+            "Times the revocation subscriber lost or could not reach Redis and retried",
+            m.revocation_reconnects.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.register("build_info", "The running subguard version", build);
@@ -286,11 +323,31 @@ impl Metrics {
             jwks_fetches: Family::default(),
             breaker_state: Family::default(),
             config_reloads: Family::default(),
+            revocation_lookups: Family::default(),
+            revocation_events: Family::default(),
+            revocation_connected: Gauge::default(),
+            revocation_reconnects: Counter::default(),
         }
     }
 
     pub fn token_cache_lookup(&self, hit: bool) {
         self.token_cache.get_or_create(&TokenCacheLabels { outcome: if hit { "hit" } else { "miss" } }).inc();
+    }
+
+    pub fn revocation_lookup(&self, outcome: &'static str) {
+        self.revocation_lookups.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    pub fn revocation_event(&self, r#type: &'static str, outcome: &'static str) {
+        self.revocation_events.get_or_create(&EventLabels { r#type, outcome }).inc();
+    }
+
+    pub fn revocation_connected(&self, up: bool) {
+        self.revocation_connected.set(i64::from(up));
+    }
+
+    pub fn revocation_reconnect(&self) {
+        self.revocation_reconnects.inc();
     }
 
     pub fn check_shed(&self) {

@@ -21,6 +21,7 @@ use crate::config::{Config, ConfigError, Forward, KeySource, TenantSources, Toke
 use crate::decision::{Decision, Identity, Outcome, Reason};
 use crate::directory::{Directory, Lookup};
 use crate::keys::{KeyMatch, KeyStore, http_client, spawn_refresh};
+use crate::revocation::{JtiStatus, Revocation};
 use crate::telemetry::Metrics;
 use explain::{Status, Trace, note, step};
 use serde_json::{Value, json};
@@ -74,6 +75,8 @@ pub struct Policy {
     pub metrics: Arc<Metrics>,
     /// Tokens whose signature verified, so a repeated token skips parsing and verification.
     token_cache: Option<TokenCache>,
+    /// Fleet-wide revocation through Redis, when configured.
+    pub revocation: Option<Arc<Revocation>>,
 }
 
 impl Policy {
@@ -136,7 +139,18 @@ impl Policy {
             metrics.declare_tenant(&tenant.name, tenant.issuers.iter().map(|i| &i.iss));
             tenants.insert(name.clone(), Arc::new(tenant));
         }
+        let revocation = match &config.revocation {
+            None => None,
+            Some(settings) => match previous.and_then(|p| p.revocation.as_ref()) {
+                Some(r) if r.settings() == settings => Some(r.clone()),
+                previous => Some(Arc::new(
+                    Revocation::new(settings.clone(), previous.map(|r| r.known()), metrics.clone())
+                        .map_err(|e| format!("revocation: {e}"))?,
+                )),
+            },
+        };
         Ok(Policy {
+            revocation,
             tenant_sources: config.tenant_sources.clone(),
             token: config.token,
             forward: config.forward.clone(),
@@ -411,6 +425,23 @@ impl Policy {
         };
         note(&mut trace, || step("subject", Status::Pass, format!("sub {sub:?}"), json!({"sub": sub})));
 
+        // What the revocation channel said about this user overrides the directory for a while.
+        let mark = self
+            .revocation
+            .as_ref()
+            .and_then(|r| r.user_mark(&tenant.name, &tenant.directory.normalize(sub)));
+        if mark.is_some_and(|m| m.deleted) {
+            d.detail = Some("a user.deleted event named this user (revocation channel)".into());
+            note(&mut trace, || {
+                step(
+                    "directory",
+                    Status::Fail,
+                    "a user.deleted event on the revocation channel named this user; the directory was not asked",
+                    json!({"event": "user.deleted"}),
+                )
+            });
+            return Err(Reason::UserNotFound);
+        }
         let answer = tenant.directory.lookup(&tenant.name, sub).await;
         if trace.is_some() {
             note(&mut trace, || directory_step(tenant, sub, &answer));
@@ -428,13 +459,27 @@ impl Policy {
                 return Err(Reason::DirectoryUnavailable);
             }
         };
-        if user.disabled {
+        if user.disabled || mark.is_some_and(|m| m.disabled) {
+            let by_event = !user.disabled;
+            if by_event {
+                d.detail = Some("a user.disabled event named this user (revocation channel)".into());
+            }
             note(&mut trace, || {
-                step("user", Status::Fail, "the user is disabled in the directory", Value::Null)
+                let summary = if by_event {
+                    "a user.disabled event on the revocation channel named this user"
+                } else {
+                    "the user is disabled in the directory"
+                };
+                step("user", Status::Fail, summary, Value::Null)
             });
             return Err(Reason::UserDisabled);
         }
-        if let Some(valid_after) = user.tokens_valid_after {
+        let event_valid_after = mark.and_then(|m| m.tokens_valid_after);
+        let valid_after = match (user.tokens_valid_after, event_valid_after) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(valid_after) = valid_after {
             let revoked = match claims.iat {
                 None => Some("the user has tokens_valid_after and the token has no iat".to_string()),
                 Some(iat) if iat < valid_after as f64 => {
@@ -442,7 +487,10 @@ impl Policy {
                 }
                 Some(_) => None,
             };
-            if let Some(why) = revoked {
+            if let Some(mut why) = revoked {
+                if event_valid_after == Some(valid_after) && user.tokens_valid_after != Some(valid_after) {
+                    why.push_str(" (from a user.tokens_revoked event)");
+                }
                 note(&mut trace, || {
                     step(
                         "revocation",
@@ -455,6 +503,43 @@ impl Policy {
                 return Err(Reason::TokenRevoked);
             }
         }
+        if let (Some(r), Some(jti)) = (&self.revocation, claims.jti.as_deref()) {
+            match r.jti_status(jti).await {
+                JtiStatus::Revoked => {
+                    d.detail = Some("the token's jti is on the fleet's revoked list".into());
+                    note(&mut trace, || {
+                        step(
+                            "revocation",
+                            Status::Fail,
+                            "the jti is revoked (Redis revocation list)",
+                            Value::Null,
+                        )
+                    });
+                    return Err(Reason::TokenRevoked);
+                }
+                JtiStatus::NotRevoked => note(&mut trace, || {
+                    step("revocation", Status::Pass, "the jti is not revoked", Value::Null)
+                }),
+                JtiStatus::Unavailable(e) => {
+                    let fail_closed = r.settings().fail_closed;
+                    note(&mut trace, || {
+                        let summary = if fail_closed {
+                            format!("cannot ask Redis whether the jti is revoked ({e}); fail_closed denies")
+                        } else {
+                            format!(
+                                "cannot ask Redis whether the jti is revoked ({e}); allowed on what is known"
+                            )
+                        };
+                        let status = if fail_closed { Status::Fail } else { Status::Info };
+                        step("revocation", status, summary, json!({"fail_closed": fail_closed}))
+                    });
+                    d.detail = Some(format!("revocation store unavailable: {e}"));
+                    if fail_closed {
+                        return Err(Reason::RevocationUnavailable);
+                    }
+                }
+            }
+        }
         note(&mut trace, || {
             step(
                 "user",
@@ -464,7 +549,7 @@ impl Policy {
                     &*user.id,
                     user.roles.as_deref().unwrap_or("")
                 ),
-                json!({"id": &*user.id, "roles": user.roles.as_deref(), "tokens_valid_after": user.tokens_valid_after}),
+                json!({"id": &*user.id, "roles": user.roles.as_deref(), "tokens_valid_after": valid_after}),
             )
         });
         Ok(Identity { user_id: user.id.clone(), roles: user.roles.clone() })
@@ -579,6 +664,7 @@ impl Policy {
             exp: claims.exp,
             nbf: claims.nbf,
             iat: claims.iat,
+            jti: claims.jti,
         })
     }
 

@@ -32,6 +32,8 @@ pub struct TokenFacts {
     pub exp: Option<f64>,
     pub nbf: Option<f64>,
     pub iat: Option<f64>,
+    /// The token's id, checked against the fleet's revoked `jti`s (`revocation:`).
+    pub jti: Option<String>,
 }
 
 impl TokenFacts {
@@ -134,6 +136,7 @@ mod tests {
             exp,
             nbf: None,
             iat: None,
+            jti: None,
         })
     }
 

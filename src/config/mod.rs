@@ -123,6 +123,44 @@ pub enum OutageResponse {
     Error,
 }
 
+/// A secret that never reaches a log line or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(pub String);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Fleet-wide revocation through Redis (SPEC §5, docs/revocation.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationSettings {
+    /// The URL as written, with any password replaced by `***` (for logs).
+    pub display_url: String,
+    /// The URL as written (may carry credentials).
+    pub url: Redacted,
+    pub username: Option<String>,
+    pub password: Option<Redacted>,
+    pub ca_pem: Option<Vec<u8>>,
+    pub key_prefix: String,
+    pub channel: String,
+    pub jti_cache: Duration,
+    pub timeout: Duration,
+    pub fail_closed: bool,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub ping_interval: Duration,
+    pub event_hold: Duration,
+}
+
+impl RevocationSettings {
+    /// The Redis key that marks `jti` revoked.
+    pub fn jti_key(&self, jti: &str) -> String {
+        format!("{}revoked:{jti}", self.key_prefix)
+    }
+}
+
 /// Where an issuer's verification keys come from.
 #[derive(Debug, Clone)]
 pub enum KeySource {
@@ -235,6 +273,8 @@ pub struct Config {
     pub outage_response: OutageResponse,
     /// OpenTelemetry trace export; `None` when not configured.
     pub tracing: Option<TracingSettings>,
+    /// Redis revocation; `None` when not configured.
+    pub revocation: Option<RevocationSettings>,
     pub tenants: BTreeMap<String, TenantConfig>,
     /// Further files the config read (header secrets, CA bundles): watched for reload.
     pub extra_files: Vec<PathBuf>,
@@ -402,11 +442,9 @@ impl Loader {
             take("forward").and_then(|v| self.section("forward", v)).unwrap_or_default();
         let default_dir_raw: Option<raw::Directory> =
             take("directory").and_then(|v| self.section("directory", v));
-        if let Some(v) = take("revocation")
-            && self.section::<raw::Revocation>("revocation", v).is_some()
-        {
-            self.err("revocation", "Redis revocation is not available in this version of subguard");
-        }
+        let revocation = take("revocation")
+            .and_then(|v| self.section::<raw::Revocation>("revocation", v))
+            .and_then(|r| self.revocation(r));
         let tenants_raw = take("tenants");
 
         let listen = self.listen(listen_raw);
@@ -496,6 +534,7 @@ impl Loader {
                 forward,
                 outage_response,
                 tracing,
+                revocation,
                 tenants,
                 warnings: self.warnings,
                 extra_files: self.extra_files,
@@ -785,34 +824,10 @@ impl Loader {
                 self.err(hp.clone(), "not a valid HTTP header name");
                 continue;
             }
-            let sources = [src.value.is_some(), src.from_file.is_some(), src.from_env.is_some()];
-            if sources.iter().filter(|s| **s).count() != 1 {
-                self.err(hp, "set exactly one of `value`, `from_file` and `from_env`");
+            let Some(value) =
+                self.secret(&hp, src.value.as_deref(), src.from_file.as_deref(), src.from_env.as_deref())
+            else {
                 continue;
-            }
-            let value = if let Some(v) = &src.value {
-                v.clone()
-            } else if let Some(f) = &src.from_file {
-                self.extra_files.push(self.resolve(f));
-                match std::fs::read_to_string(self.resolve(f)) {
-                    Ok(v) => v.trim_end_matches(['\n', '\r']).to_string(),
-                    Err(e) => {
-                        self.err(format!("{hp}.from_file"), format!("{}: {f}", io_reason(&e)));
-                        continue;
-                    }
-                }
-            } else {
-                let var = src.from_env.as_deref().unwrap_or_default();
-                match std::env::var(var) {
-                    Ok(v) => v,
-                    Err(_) => {
-                        self.err(
-                            format!("{hp}.from_env"),
-                            format!("environment variable `{var}` is not set"),
-                        );
-                        continue;
-                    }
-                }
             };
             let value = format!("{}{value}", src.prefix.as_deref().unwrap_or(""));
             if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
@@ -841,6 +856,155 @@ impl Loader {
             self.err(if msg.contains("CA") { format!("{p}.ca_file") } else { p.to_string() }, msg);
         }
         (self.errors.len() == before).then_some(settings)
+    }
+
+    fn revocation(&mut self, raw: raw::Revocation) -> Option<RevocationSettings> {
+        let before = self.errors.len();
+        let p = "revocation";
+        let url = match url::Url::parse(&raw.redis_url) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                self.err(format!("{p}.redis_url"), format!("not a URL: {e}"));
+                None
+            }
+        };
+        let mut display_url = raw.redis_url.clone();
+        if let Some(u) = &url {
+            let tls = u.scheme() == "rediss";
+            if !matches!(u.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+                self.err(
+                    format!("{p}.redis_url"),
+                    format!("scheme `{}` is not redis://, rediss:// (TLS) or unix://", u.scheme()),
+                );
+            }
+            if u.fragment().is_some() {
+                self.err(
+                    format!("{p}.redis_url"),
+                    "a URL fragment (such as `#insecure`) is not allowed: TLS certificates are always verified; \
+                     set revocation.ca_file for a private CA",
+                );
+            }
+            if u.password().is_some() {
+                if raw.password.is_some() {
+                    self.err(
+                        format!("{p}.password"),
+                        "the password is given twice: in redis_url and in revocation.password",
+                    );
+                }
+                self.warnings.push(ConfigError::new(
+                    format!("{p}.redis_url"),
+                    "holds a password; prefer revocation.password.from_file or from_env so the config carries no secret",
+                ));
+                let mut shown = u.clone();
+                let _ = shown.set_password(Some("***"));
+                display_url = shown.to_string();
+            }
+            if !u.username().is_empty() && raw.username.is_some() {
+                self.err(
+                    format!("{p}.username"),
+                    "the username is given twice: in redis_url and in revocation.username",
+                );
+            }
+            if raw.ca_file.is_some() && !tls {
+                self.err(format!("{p}.ca_file"), "only used with a rediss:// (TLS) URL");
+            }
+        }
+        let password = raw.password.as_ref().and_then(|s| {
+            self.secret(
+                &format!("{p}.password"),
+                s.value.as_deref(),
+                s.from_file.as_deref(),
+                s.from_env.as_deref(),
+            )
+        });
+        let ca_pem = raw.ca_file.as_ref().and_then(|f| {
+            self.extra_files.push(self.resolve(f));
+            match std::fs::read(self.resolve(f)) {
+                Ok(pem) => Some(pem),
+                Err(e) => {
+                    self.err(format!("{p}.ca_file"), format!("{}: {f}", io_reason(&e)));
+                    None
+                }
+            }
+        });
+        let key_prefix = raw.key_prefix.unwrap_or_else(|| "subguard:".into());
+        let channel = raw.channel.unwrap_or_else(|| "subguard:events".into());
+        if channel.is_empty() {
+            self.err(format!("{p}.channel"), "must not be empty");
+        }
+        let positive = |me: &mut Self, field: &str, v: Option<u64>, default: u64| -> u64 {
+            let v = v.unwrap_or(default);
+            if v == 0 {
+                me.err(format!("{p}.{field}"), "must be greater than 0");
+            }
+            v.max(1)
+        };
+        let timeout = positive(self, "timeout_ms", raw.timeout_ms, 100);
+        let reconnect_min = positive(self, "reconnect_min_ms", raw.reconnect_min_ms, 100);
+        let reconnect_max = positive(self, "reconnect_max_ms", raw.reconnect_max_ms, 5000);
+        if reconnect_max < reconnect_min {
+            self.err(format!("{p}.reconnect_max_ms"), "must not be below reconnect_min_ms");
+        }
+        let ping = positive(self, "ping_seconds", raw.ping_seconds, 5);
+        let hold = positive(self, "event_hold_seconds", raw.event_hold_seconds, 300);
+        let settings = RevocationSettings {
+            display_url,
+            url: Redacted(raw.redis_url),
+            username: raw.username,
+            password: password.map(Redacted),
+            ca_pem,
+            key_prefix,
+            channel,
+            jti_cache: Duration::from_millis(raw.jti_cache_ms.unwrap_or(1000)),
+            timeout: Duration::from_millis(timeout),
+            fail_closed: raw.fail_closed.unwrap_or(false),
+            reconnect_min: Duration::from_millis(reconnect_min),
+            reconnect_max: Duration::from_millis(reconnect_max),
+            ping_interval: Duration::from_secs(ping),
+            event_hold: Duration::from_secs(hold),
+        };
+        if self.errors.len() == before
+            && let Err(msg) = crate::revocation::redis_client(&settings)
+        {
+            let at = if msg.contains("CA") { format!("{p}.ca_file") } else { format!("{p}.redis_url") };
+            self.err(at, msg);
+        }
+        (self.errors.len() == before).then_some(settings)
+    }
+
+    /// A value given as exactly one of `value`, `from_file` (trailing newline removed; the file is
+    /// watched for reload) and `from_env`. Reports errors under `p`.
+    fn secret(
+        &mut self,
+        p: &str,
+        value: Option<&str>,
+        from_file: Option<&str>,
+        from_env: Option<&str>,
+    ) -> Option<String> {
+        match (value, from_file, from_env) {
+            (Some(v), None, None) => Some(v.to_string()),
+            (None, Some(f), None) => {
+                self.extra_files.push(self.resolve(f));
+                match std::fs::read_to_string(self.resolve(f)) {
+                    Ok(v) => Some(v.trim_end_matches(['\n', '\r']).to_string()),
+                    Err(e) => {
+                        self.err(format!("{p}.from_file"), format!("{}: {f}", io_reason(&e)));
+                        None
+                    }
+                }
+            }
+            (None, None, Some(var)) => match std::env::var(var) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    self.err(format!("{p}.from_env"), format!("environment variable `{var}` is not set"));
+                    None
+                }
+            },
+            _ => {
+                self.err(p, "set exactly one of `value`, `from_file` and `from_env`");
+                None
+            }
+        }
     }
 
     fn tenant(

@@ -142,7 +142,35 @@ pub struct Issuer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Revocation {
+    /// `redis://`, `rediss://` (TLS) or `unix://` / `redis+unix://`.
     pub redis_url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// PEM bundle of the CA that signed the Redis server's certificate (`rediss://`).
+    pub ca_file: Option<String>,
+    pub key_prefix: Option<String>,
+    pub channel: Option<String>,
+    /// How long a "this jti is not revoked" answer is reused locally.
+    pub jti_cache_ms: Option<u64>,
+    /// Timeout of one Redis command (and of connecting).
+    pub timeout_ms: Option<u64>,
+    /// Deny (`revocation_unavailable`) instead of allowing when Redis cannot be asked.
+    pub fail_closed: Option<bool>,
+    pub reconnect_min_ms: Option<u64>,
+    pub reconnect_max_ms: Option<u64>,
+    /// The subscriber pings Redis this often to notice a dead connection.
+    pub ping_seconds: Option<u64>,
+    /// How long an event's verdict (deleted, disabled, tokens revoked) overrides the directory.
+    pub event_hold_seconds: Option<u64>,
+}
+
+/// A secret given inline, from a file or from an environment variable (exactly one).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Secret {
+    pub value: Option<String>,
+    pub from_file: Option<String>,
+    pub from_env: Option<String>,
 }
 
 /// One user of the users file (`directory.kind: file`).

@@ -197,6 +197,20 @@ impl Directory {
         answer
     }
 
+    /// Drops the cached answer for `sub` in `tenant` (a user event), so the next check asks again.
+    pub async fn evict(&self, tenant: &Arc<str>, sub: &str) {
+        if let Some(cache) = &self.cache {
+            cache.evict(&(tenant.clone(), Arc::from(self.normalize(sub).as_ref()))).await;
+        }
+    }
+
+    /// Drops every cached answer (the revocation subscriber may have missed events).
+    pub fn evict_all(&self) {
+        if let Some(cache) = &self.cache {
+            cache.clear();
+        }
+    }
+
     /// Asks the backend directly for exactly `sub`: no normalisation, cache, breaker or metrics.
     /// For `explain`'s hints, which must not change what the live path will see.
     pub async fn lookup_uncached(&self, tenant: &str, sub: &str) -> Result<Lookup, DirectoryError> {

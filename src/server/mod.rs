@@ -53,6 +53,15 @@ impl State {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
+
+    /// Starts the revocation subscriber of the serving policy, if it has one not started yet (at
+    /// start and after a reload that changed the `revocation` settings).
+    pub fn start_revocation(self: &Arc<Self>) {
+        if let Some(r) = &self.policy.load().revocation {
+            let state = Arc::downgrade(self);
+            r.start_subscriber(Arc::new(move || state.upgrade().map(|s| s.policy.load_full())));
+        }
+    }
 }
 
 /// Addresses the listeners actually bound (port 0 resolved).
@@ -74,6 +83,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let policy = Policy::build(config, metrics.clone()).map_err(|e| anyhow::anyhow!(e))?;
     policy.start_key_refresh();
     let state = State::new(policy, metrics, registry);
+    state.start_revocation();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;

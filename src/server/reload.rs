@@ -142,6 +142,7 @@ impl Reloader {
         policy.fetch_missing_keys().await?;
         policy.start_key_refresh();
         self.state.policy.store(Arc::new(policy));
+        self.state.start_revocation();
         self.files = files;
         Ok(())
     }

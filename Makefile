@@ -6,7 +6,7 @@ VENV := .venv
 ENVOY := $(CURDIR)/$(VENV)/bin/envoy
 SUBGUARD := target/debug/subguard
 
-.PHONY: all venv build demo lint test validate-envoy clean
+.PHONY: all venv build demo lint test validate-envoy clean redis-server
 .PHONY: k8s-tools validate-k8s
 .PHONY: fuzz fuzz-smoke fuzz-build fuzz-tools
 
@@ -24,6 +24,17 @@ $(VENV)/.stamp: requirements-dev.txt
 build:
 	$(CARGO) build
 
+# The revocation tests run a real Redis: Debian's redis-server package, installed when missing
+# (apt-get as root, else through sudo). The tests start their own instances on free ports.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		echo "installing Debian's redis-server (needed by tests/revocation.rs)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; \
+	} || { echo "cannot install redis-server: install Debian's redis-server package, or set SUBGUARD_REDIS_SERVER"; exit 1; }
+	@redis-server --version
+
 # `make test` has already built target/debug/subguard with `cargo test`; a plain `cargo build` would
 # rebuild half the dependency tree (dev-dependencies change tokio's and hyper's features), so test
 # runs the demo and the manifest checks with BUILD= (no build step).
@@ -38,7 +49,7 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --all-targets --features otel -- -D warnings
 
-test: venv lint
+test: venv redis-server lint
 	SUBGUARD_ENVOY=$(ENVOY) $(CARGO) test
 	# The OpenTelemetry export path is behind a cargo feature: build and test it too.
 	SUBGUARD_ENVOY=$(ENVOY) $(CARGO) test --features otel --test otel_export

@@ -56,11 +56,20 @@ pub fn redis_client(settings: &RevocationSettings) -> Result<redis::Client, Stri
     }
     info = info.set_redis_settings(redis_settings);
     match &settings.ca_pem {
-        Some(pem) => redis::Client::build_with_tls(
-            info,
-            redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
-        )
-        .map_err(|e| format!("cannot use the CA bundle: {e}")),
+        Some(pem) => {
+            // redis-rs reads the bundle only when it connects: check it now, so `validate` and a
+            // reload refuse a bad file instead of every connection failing later.
+            let certs =
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| format!("invalid CA bundle: {e}"))?;
+            if certs.is_empty() {
+                return Err("the CA bundle holds no PEM certificate".into());
+            }
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
+            )
+            .map_err(|e| format!("cannot use the CA bundle: {e}"))
+        }
         None => redis::Client::open(info).map_err(|e| format!("{e}")),
     }
 }
@@ -113,6 +122,8 @@ pub struct Known {
     revoked: moka::sync::Cache<Arc<str>, i64>,
     /// (tenant, normalised sub) → what events said.
     marks: moka::sync::Cache<(Arc<str>, Arc<str>), UserMark>,
+    /// Set once the first user event is held.
+    any_marks: AtomicBool,
 }
 
 impl Default for Known {
@@ -126,6 +137,7 @@ impl Default for Known {
                 .max_capacity(LOCAL_MAX_ENTRIES)
                 .expire_after(UntilExpiry)
                 .build(),
+            any_marks: AtomicBool::new(false),
         }
     }
 }
@@ -232,7 +244,9 @@ impl Revocation {
 
     /// What events said about this user (tenant, sub as the directory compares it), if anything.
     pub fn user_mark(&self, tenant: &Arc<str>, sub: &str) -> Option<UserMark> {
-        if self.shared.known.marks.entry_count() == 0 {
+        // Most fleets go long without user events: skip the key allocation until one arrives
+        // (moka's entry_count lags behind inserts, so it cannot serve as this flag).
+        if !self.shared.known.any_marks.load(Ordering::Relaxed) {
             return None;
         }
         self.shared.known.marks.get(&(tenant.clone(), Arc::from(sub)))
@@ -348,9 +362,17 @@ impl Shared {
             let mut conn = self.connection()?;
             let mut get = redis::cmd("GET");
             get.arg(self.settings.jti_key(jti));
-            match tokio::time::timeout(self.settings.timeout, get.query_async::<Option<String>>(&mut conn))
-                .await
-            {
+            let attempts = async {
+                match get.query_async::<Option<String>>(&mut conn).await {
+                    // A connection that broke while idle (Redis restarted) fails the first command
+                    // and reconnects: one retry, within the same timeout.
+                    Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                        get.query_async::<Option<String>>(&mut conn).await
+                    }
+                    other => other,
+                }
+            };
+            match tokio::time::timeout(self.settings.timeout, attempts).await {
                 Err(_) => Err(format!("Redis did not answer within {:?}", self.settings.timeout)),
                 Ok(Err(e)) => Err(format!("Redis: {e}")),
                 Ok(Ok(v)) => Ok(v),
@@ -390,6 +412,7 @@ impl Shared {
         let hold = Instant::now() + self.settings.event_hold;
         let blank = UserMark { deleted: false, disabled: false, tokens_valid_after: None, until: hold };
         let marks = &self.known.marks;
+        self.known.any_marks.store(true, Ordering::Relaxed);
         match event {
             Event::UserUpdated { .. } => marks.invalidate(&key),
             Event::UserDeleted { .. } => {
@@ -490,11 +513,15 @@ async fn subscribe_once(
         Ok(Err(e)) => return format!("SUBSCRIBE: {e}"),
         Ok(Ok(())) => {}
     }
-    shared.subscribed.store(true, Ordering::Release);
-    shared.metrics.revocation_connected(true);
     if *ever_subscribed {
         // Events published while we were away are lost: every cached answer may be stale.
         shared.forget_cached(current().as_deref()).await;
+    }
+    // Redis answers again: checks may ask it at once.
+    shared.down_until_ms.store(0, Ordering::Relaxed);
+    shared.subscribed.store(true, Ordering::Release);
+    shared.metrics.revocation_connected(true);
+    if *ever_subscribed {
         tracing::info!(
             redis = %settings.display_url,
             channel = %settings.channel,
@@ -515,7 +542,7 @@ async fn subscribe_once(
                 handle_message(shared, current, msg.get_payload_bytes()).await;
             }
             _ = ping.tick() => {
-                match tokio::time::timeout(connect_timeout, sink.ping::<String>()).await {
+                match tokio::time::timeout(connect_timeout, sink.ping::<redis::Value>()).await {
                     Err(_) => return format!("PING not answered within {connect_timeout:?}"),
                     Ok(Err(e)) => return format!("PING: {e}"),
                     Ok(Ok(_)) => {}

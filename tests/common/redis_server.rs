@@ -1,0 +1,140 @@
+//! A real `redis-server` (Debian's package) for the revocation tests: one private instance per
+//! test file on a free loopback port, no persistence, under the same watchdog as subguard (it
+//! never outlives `cargo test`). It can be killed and started again on the same port to play an
+//! outage.
+//!
+//! `redis-server` comes from `$SUBGUARD_REDIS_SERVER`, else `PATH`. `make test` installs it
+//! (`make redis-server`); without it the tests fail with a message saying how to get it.
+
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::free_port;
+use super::subguard::watched;
+
+pub fn redis_server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("SUBGUARD_REDIS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join("redis-server");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "redis-server not found: the revocation tests need a real Redis. Run `make redis-server` \
+         (installs Debian's redis-server package) or set SUBGUARD_REDIS_SERVER to its path."
+    )
+}
+
+struct Running {
+    child: Child,
+    _watchdog: ChildStdin,
+}
+
+pub struct Redis {
+    port: u16,
+    dir: tempfile::TempDir,
+    running: Mutex<Option<Running>>,
+}
+
+impl Redis {
+    /// Starts a private redis-server and waits until it answers PING.
+    pub fn start() -> Redis {
+        let dir = tempfile::Builder::new()
+            .prefix("redis-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("temp dir for redis");
+        let redis = Redis { port: free_port(), dir, running: Mutex::new(None) };
+        redis.start_again();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts redis-server (again) on the same port.
+    pub fn start_again(&self) {
+        let mut running = self.running.lock().unwrap();
+        assert!(running.is_none(), "redis-server is already running");
+        let mut cmd = watched(&redis_server_binary());
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(self.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("spawning redis-server");
+        let watchdog = child.stdin.take().expect("watchdog pipe");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.try_cmd::<String>(&["PING"]).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("redis-server on port {} exited at start ({status})", self.port);
+            }
+            assert!(Instant::now() < deadline, "redis-server on port {} did not answer PING", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        *running = Some(Running { child, _watchdog: watchdog });
+    }
+
+    /// Kills redis-server (SIGKILL: an outage, not a clean shutdown) and waits for its exit.
+    pub fn kill(&self) {
+        if let Some(mut r) = self.running.lock().unwrap().take() {
+            drop(r._watchdog); // the watchdog SIGKILLs redis-server at EOF
+            let _ = r.child.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.try_cmd::<String>(&["PING"]).is_ok() {
+            assert!(Instant::now() < deadline, "redis-server still answers after kill");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs one command; panics on failure.
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        self.try_cmd(args).unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
+    }
+
+    pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let client = redis::Client::open(self.url())?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut conn)
+    }
+
+    /// Publishes a raw message; returns how many subscribers received it.
+    pub fn publish(&self, channel: &str, message: &str) -> usize {
+        self.cmd(&["PUBLISH", channel, message])
+    }
+
+    /// Subscribers of `channel` right now (PUBSUB NUMSUB).
+    pub fn subscribers(&self, channel: &str) -> usize {
+        let reply: (String, usize) = self.cmd(&["PUBSUB", "NUMSUB", channel]);
+        reply.1
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

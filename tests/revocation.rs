@@ -563,27 +563,97 @@ revocation:
     assert!(!stderr.contains("s3cret"), "the warning must not print the password: {stderr}");
 }
 
+/// The least-privilege Redis users of docs/revocation.md: the sidecar can only read revoked jtis and
+/// subscribe; the publisher (the CLI here) can only store them and publish. The sidecar's password
+/// comes from a file.
 #[tokio::test]
-async fn a_password_protected_redis_takes_the_password_from_a_file() {
+async fn least_privilege_acl_users_from_the_docs_work() {
     let redis = Redis::start();
-    let _: () = redis.cmd(&["CONFIG", "SET", "requirepass", "hunter2-long"]);
+    for acl in [
+        "subguard on >sidecar-password-1 ~subguard:revoked:* &subguard:events +get +subscribe +ping",
+        "identity on >publisher-password-1 ~subguard:revoked:* &subguard:events +set +publish",
+    ] {
+        let mut args = vec!["ACL", "SETUSER"];
+        args.extend(acl.split(' '));
+        let _: () = redis.cmd(&args);
+    }
+    let _: () = redis.cmd(&["ACL", "SETUSER", "default", "off"]);
     let directory = DirectoryServer::start();
-    directory.set("pw-user", Answer::user(json!({})));
-    let dir = common::ConfigDir::with(
-        &config(&redis.url(), &directory, "  password: {from_file: redis-password}\n"),
+    directory.set("acl-user", Answer::user(json!({})));
+    let sidecar = common::ConfigDir::with(
+        &config(&redis.url(), &directory, "  username: subguard\n  password: {from_file: redis-password}\n"),
         USERS,
     );
-    dir.write("redis-password", "hunter2-long\n");
-    let s = Subguard::start_in(dir);
+    sidecar.write("redis-password", "sidecar-password-1\n");
+    let s = Subguard::start_in(sidecar);
     let deadline = Instant::now() + Duration::from_secs(10);
     while metric(&s, "subguard_revocation_redis_connected ") != 1.0 {
         assert!(Instant::now() < deadline, "did not authenticate to Redis:\n{}", s.logs().join("\n"));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (code, stdout, stderr) =
-        run_cli(&s, &["evict", "--tenant", "acme", "--sub", "pw-user", "--event", "user.deleted"]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    until_denied(&[&s], "acme", &token("pw-user").build(), "user_not_found", WITHIN).await;
+    // The sidecar's jti lookups work with GET only.
+    let exp = now() + 300;
+    let t = token("acl-user").claim("jti", json!("acl-jti")).claim("exp", json!(exp)).build();
+    assert!(ask(&s, "acme", &t).await.allowed);
+    assert!(metric(&s, r#"subguard_revocation_lookups_total{outcome="not_revoked"}"#) >= 1.0);
+    // The publisher's config names the other user.
+    let publisher = common::ConfigDir::with(
+        &config(
+            &redis.url(),
+            &directory,
+            "  username: identity\n  password: {from_env: TEST_PUBLISHER_PASSWORD}\n",
+        ),
+        USERS,
+    );
+    let publish = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_subguard"))
+            .args(args)
+            .arg("--config")
+            .arg(publisher.config_path())
+            .env("TEST_PUBLISHER_PASSWORD", "publisher-password-1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    publish(&["revoke", "--jti", "acl-jti", "--exp", &exp.to_string()]);
+    until_denied(&[&s], "acme", &t, "token_revoked", WITHIN).await;
+    publish(&["evict", "--tenant", "acme", "--sub", "acl-user", "--event", "user.deleted"]);
+    until_denied(&[&s], "acme", &token("acl-user").build(), "user_not_found", WITHIN).await;
+    // The password never reaches a log line.
+    assert!(s.logs().iter().all(|l| !l.contains("sidecar-password-1")), "the password reached a log line");
+}
+
+/// A reload that changes `revocation:` (here the channel) moves the subscription; what was learnt
+/// from earlier events stays.
+#[tokio::test]
+async fn a_reload_moves_the_subscription_and_keeps_what_is_known() {
+    let redis = Redis::start();
+    let directory = DirectoryServer::start();
+    let s = Subguard::start(&config(&redis.url(), &directory, ""), USERS);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.subscribers(CHANNEL) != 1 {
+        assert!(Instant::now() < deadline, "not subscribed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    redis.publish(CHANNEL, r#"{"type":"user.deleted","tenant":"files","sub":"frank"}"#);
+    until_denied(&[&s], "files", &token("frank").build(), "user_not_found", WITHIN).await;
+
+    s.dir.write_config(&config(&redis.url(), &directory, "  channel: \"fleet-b:events\"\n"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.subscribers("fleet-b:events") != 1 || redis.subscribers(CHANNEL) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the subscription did not move: old {} new {}\n{}",
+            redis.subscribers(CHANNEL),
+            redis.subscribers("fleet-b:events"),
+            s.logs().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still held from before the reload.
+    assert_denied(&ask(&s, "files", &token("frank").build()).await, "user_not_found", 403);
+    redis.publish("fleet-b:events", r#"{"type":"user.disabled","tenant":"files","sub":"fiona"}"#);
+    until_denied(&[&s], "files", &token("fiona").build(), "user_disabled", WITHIN).await;
 }
 
 #[test]

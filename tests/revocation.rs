@@ -679,3 +679,63 @@ fn revoke_and_evict_refuse_bad_input_without_touching_redis() {
     let exists: i64 = f.redis.cmd(&["EXISTS", "subguard:revoked:old"]);
     assert_eq!(exists, 0);
 }
+
+/// Through the shipped Envoy config: a revoked token is a 401 the client can read, and a
+/// fail-closed sidecar without Redis answers 503 with `retry-after`, with the reason in Envoy's
+/// access log either way.
+#[tokio::test]
+async fn revocation_reaches_clients_through_envoy() {
+    use common::Upstream;
+    use common::envoy::{Envoy, shipped_config};
+    let redis = Redis::start();
+    let directory = DirectoryServer::start();
+    directory.set("envoy-user", Answer::user(json!({"id": "u-envoy"})));
+    let s = Subguard::start(&config(&redis.url(), &directory, "  fail_closed: true\n"), USERS);
+    let upstream = Upstream::start();
+    let envoy =
+        Envoy::start(shipped_config("subguard-sidecar-tcp.yaml"), upstream.port(), s.grpc_addr().port());
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let get = |t: String| {
+        let client = client.clone();
+        let url = envoy.url("/orders/1");
+        async move {
+            client
+                .get(url)
+                .header("x-tenant-id", "acme")
+                .header("authorization", format!("Bearer {t}"))
+                .send()
+                .await
+                .expect("GET through envoy")
+        }
+    };
+    let exp = now() + 300;
+    let t = token("envoy-user").claim("jti", json!("through-envoy")).claim("exp", json!(exp)).build();
+    assert_eq!(get(t.clone()).await.status(), 200);
+    let (code, _, stderr) = run_cli(&s, &["revoke", "--jti", "through-envoy", "--exp", &exp.to_string()]);
+    assert_eq!(code, 0, "{stderr}");
+    let deadline = Instant::now() + WITHIN;
+    let resp = loop {
+        let resp = get(t.clone()).await;
+        if resp.status() != 200 || Instant::now() > deadline {
+            break resp;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["x-subguard-reason"], "token_revoked");
+    let www = resp.headers()["www-authenticate"].to_str().unwrap().to_string();
+    assert!(www.starts_with(r#"Bearer realm="acme", error="invalid_token""#), "{www}");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "token_revoked");
+    assert!(!body.to_string().contains(&t), "the body echoes the token");
+
+    redis.kill();
+    let unseen = token("envoy-user").claim("jti", json!("never-checked")).build();
+    let resp = get(unseen).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-subguard-reason"], "revocation_unavailable");
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let log = envoy.access_log(3).join("\n");
+    assert!(log.contains("token_revoked") && log.contains("revocation_unavailable"), "{log}");
+    assert_eq!(upstream.requests().len(), 1, "only the first request reached the application");
+}

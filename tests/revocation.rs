@@ -739,3 +739,20 @@ async fn revocation_reaches_clients_through_envoy() {
     assert!(log.contains("token_revoked") && log.contains("revocation_unavailable"), "{log}");
     assert_eq!(upstream.requests().len(), 1, "only the first request reached the application");
 }
+
+/// `subguard explain` asks Redis about the token's jti the way a sidecar does.
+#[test]
+fn explain_shows_a_revoked_jti() {
+    let f = fleet();
+    f.directory.set("explained", Answer::user(json!({"id": "u-explained"})));
+    let exp = now() + 300;
+    let t = token("explained").claim("jti", json!("explain-me")).claim("exp", json!(exp)).build();
+    let explain = |t: &str| run_cli(&f.a, &["explain", "--tenant", "acme", "--token", t]);
+    let (code, stdout, _) = explain(&t);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("the jti is not revoked"), "{stdout}");
+    assert_eq!(f.cli(&["revoke", "--jti", "explain-me", "--exp", &exp.to_string()]).0, 0);
+    let (code, stdout, _) = explain(&t);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("token_revoked") && stdout.contains("the jti is revoked"), "{stdout}");
+}

@@ -148,22 +148,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXPLAIN_USAGE);
                 }
             };
-            let cfg = match subguard::config::load(&config) {
+            let cfg = match load_config(" explain", &config, ExitCode::from(EXPLAIN_USAGE)) {
                 Ok(c) => c,
-                Err(errors) => {
-                    eprintln!("subguard explain: invalid config {}:", config.display());
-                    for e in errors {
-                        eprintln!("  {e}");
-                    }
-                    return ExitCode::from(EXPLAIN_USAGE);
-                }
+                Err(code) => return code,
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let runtime = match runtime(" explain", false, ExitCode::from(EXPLAIN_USAGE)) {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("subguard explain: cannot start the runtime: {e}");
-                    return ExitCode::from(EXPLAIN_USAGE);
-                }
+                Err(code) => return code,
             };
             let policy = match Policy::build(cfg, Metrics::detached()) {
                 Ok(p) => p,
@@ -215,22 +206,13 @@ fn main() -> ExitCode {
             publish(&config, event)
         }
         Command::Serve { config } => {
-            let cfg = match subguard::config::load(&config) {
+            let cfg = match load_config("", &config, ExitCode::FAILURE) {
                 Ok(c) => c,
-                Err(errors) => {
-                    eprintln!("subguard: invalid config {}:", config.display());
-                    for e in errors {
-                        eprintln!("  {e}");
-                    }
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match runtime("", true, ExitCode::FAILURE) {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("subguard: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(run(cfg, cli.log_format)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -244,6 +226,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// Loads the config for command `name` ("" for serve); on errors prints them one per line on
+/// stderr and returns `code`.
+fn load_config(
+    name: &str,
+    path: &std::path::Path,
+    code: ExitCode,
+) -> Result<subguard::config::Config, ExitCode> {
+    subguard::config::load(path).map_err(|errors| {
+        eprintln!("subguard{name}: invalid config {}:", path.display());
+        for e in errors {
+            eprintln!("  {e}");
+        }
+        code
+    })
+}
+
+/// A tokio runtime for command `name`; on failure prints why and returns `code`.
+fn runtime(name: &str, multi_thread: bool, code: ExitCode) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("subguard{name}: cannot start the runtime: {e}");
+        code
+    })
+}
+
 /// `revoke` and `evict`: validate the event, publish it through the config's Redis.
 fn publish(config: &std::path::Path, event: subguard::revocation::Event) -> ExitCode {
     let name =
@@ -252,15 +263,9 @@ fn publish(config: &std::path::Path, event: subguard::revocation::Event) -> Exit
         eprintln!("subguard {name}: {e}");
         return ExitCode::from(EXPLAIN_USAGE);
     }
-    let cfg = match subguard::config::load(config) {
+    let cfg = match load_config(&format!(" {name}"), config, ExitCode::from(EXPLAIN_USAGE)) {
         Ok(c) => c,
-        Err(errors) => {
-            eprintln!("subguard {name}: invalid config {}:", config.display());
-            for e in errors {
-                eprintln!("  {e}");
-            }
-            return ExitCode::from(EXPLAIN_USAGE);
-        }
+        Err(code) => return code,
     };
     let Some(settings) = cfg.revocation.clone() else {
         eprintln!(
@@ -282,12 +287,9 @@ fn publish(config: &std::path::Path, event: subguard::revocation::Event) -> Exit
             return ExitCode::from(EXPLAIN_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match runtime(&format!(" {name}"), false, ExitCode::FAILURE) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("subguard {name}: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(revocation.publish(&event, cfg.token.leeway_seconds)) {
         Ok(receivers) => {

@@ -205,6 +205,19 @@ fn metric(sidecar: &Subguard, name_and_labels: &str) -> f64 {
 
 const WITHIN: Duration = Duration::from_secs(1);
 
+/// Waits until `subguard_revocation_redis_connected` reads `up` (1 or 0).
+async fn wait_connected(s: &Subguard, up: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while metric(s, "subguard_revocation_redis_connected ") != up {
+        assert!(
+            Instant::now() < deadline,
+            "redis_connected did not become {up} within {within:?}:\n{}",
+            s.logs().iter().filter(|l| l.contains("revocation")).cloned().collect::<Vec<_>>().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_deleted_user_is_denied_by_every_sidecar_within_a_second() {
     let f = fleet();
@@ -395,12 +408,8 @@ async fn redis_outage_keeps_valid_users_working_and_recovery_restores_events() {
 
     f.redis.kill();
     // The outage shows in metrics (the subscriber pings every second)...
-    let deadline = Instant::now() + Duration::from_secs(5);
     for s in f.sidecars() {
-        while metric(s, "subguard_revocation_redis_connected ") != 0.0 {
-            assert!(Instant::now() < deadline, "redis_connected still 1 five seconds into the outage");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_connected(s, 0.0, Duration::from_secs(5)).await;
     }
     // ...and in the logs.
     assert!(
@@ -427,12 +436,8 @@ async fn redis_outage_keeps_valid_users_working_and_recovery_restores_events() {
     f.redis.start_again();
     f.wait_subscribed(2, Duration::from_secs(10));
     // `connected` is set once the cached users are dropped.
-    let deadline = Instant::now() + Duration::from_secs(5);
     for s in f.sidecars() {
-        while metric(s, "subguard_revocation_redis_connected ") != 1.0 {
-            assert!(Instant::now() < deadline, "redis_connected not back to 1");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_connected(s, 1.0, Duration::from_secs(5)).await;
     }
     assert_all_allowed(&f.sidecars(), "acme", &plain).await;
     assert_eq!(
@@ -460,11 +465,7 @@ async fn sidecars_start_and_serve_while_redis_is_down() {
     let s = Subguard::start(&config(&url, &directory, ""), USERS);
     assert!(ask(&s, "acme", &token("early").claim("jti", json!("j-early")).build()).await.allowed);
     redis.start_again();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&s, "subguard_revocation_redis_connected ") != 1.0 {
-        assert!(Instant::now() < deadline, "did not connect after Redis came up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_connected(&s, 1.0, Duration::from_secs(10)).await;
     redis.publish(CHANNEL, r#"{"type":"user.deleted","tenant":"acme","sub":"early"}"#);
     until_denied(&[&s], "acme", &token("early").build(), "user_not_found", WITHIN).await;
 }
@@ -586,11 +587,7 @@ async fn least_privilege_acl_users_from_the_docs_work() {
     );
     sidecar.write("redis-password", "sidecar-password-1\n");
     let s = Subguard::start_in(sidecar);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&s, "subguard_revocation_redis_connected ") != 1.0 {
-        assert!(Instant::now() < deadline, "did not authenticate to Redis:\n{}", s.logs().join("\n"));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_connected(&s, 1.0, Duration::from_secs(10)).await;
     // The sidecar's jti lookups work with GET only.
     let exp = now() + 300;
     let t = token("acl-user").claim("jti", json!("acl-jti")).claim("exp", json!(exp)).build();

@@ -267,7 +267,7 @@ fn publish(config: &std::path::Path, event: subguard::revocation::Event) -> Exit
         Ok(c) => c,
         Err(code) => return code,
     };
-    let Some(settings) = cfg.revocation.clone() else {
+    let Some(mut settings) = cfg.revocation.clone() else {
         eprintln!(
             "subguard {name}: {} has no `revocation:` section (no Redis to publish to)",
             config.display()
@@ -279,6 +279,8 @@ fn publish(config: &std::path::Path, event: subguard::revocation::Event) -> Exit
     {
         eprintln!("subguard {name}: warning: tenant `{tenant}` is not configured in {}", config.display());
     }
+    // A person or a script is waiting, not a request: allow a slow link its handshakes.
+    settings.timeout = settings.timeout.max(std::time::Duration::from_secs(5));
     let channel = settings.channel.clone();
     let revocation = match subguard::revocation::Revocation::new(settings, None, Metrics::detached()) {
         Ok(r) => r,

@@ -753,3 +753,44 @@ fn explain_shows_a_revoked_jti() {
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("token_revoked") && stdout.contains("the jti is revoked"), "{stdout}");
 }
+
+/// `rediss://`: the server certificate is verified against `ca_file`; a Redis whose certificate
+/// another CA signed is never trusted (the sidecar keeps serving without it).
+#[tokio::test]
+async fn tls_redis_is_verified_against_ca_file() {
+    use common::redis_server::tls_fixture;
+    let redis = Redis::start_tls();
+    let directory = DirectoryServer::start();
+    directory.set("tls-user", Answer::user(json!({})));
+    let start = |ca: &str| {
+        let dir =
+            common::ConfigDir::with(&config(&redis.url(), &directory, "  ca_file: redis-ca.pem\n"), USERS);
+        dir.write("redis-ca.pem", &std::fs::read_to_string(tls_fixture(ca)).unwrap());
+        Subguard::start_in(dir)
+    };
+    let trusted = start("ca.pem");
+    wait_connected(&trusted, 1.0, Duration::from_secs(10)).await;
+    let exp = now() + 300;
+    let t = token("tls-user").claim("jti", json!("over-tls")).claim("exp", json!(exp)).build();
+    assert!(ask(&trusted, "acme", &t).await.allowed);
+    let (code, _, stderr) = run_cli(&trusted, &["revoke", "--jti", "over-tls", "--exp", &exp.to_string()]);
+    assert_eq!(code, 0, "{stderr}");
+    until_denied(&[&trusted], "acme", &t, "token_revoked", WITHIN).await;
+
+    let untrusted = start("other-ca.pem");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !untrusted
+        .logs()
+        .iter()
+        .any(|l| l.contains("revocation subscriber cannot reach Redis") && l.contains("certificate"))
+    {
+        assert!(Instant::now() < deadline, "no certificate failure logged:\n{}", untrusted.logs().join("\n"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&untrusted, "subguard_revocation_redis_connected "), 0.0);
+    // Fail-open: it serves on what it knows, which is not the revocation it never saw.
+    let t2 = token("tls-user").claim("jti", json!("other-jti")).build();
+    assert!(ask(&untrusted, "acme", &t2).await.allowed);
+    let (code, _, stderr) = run_cli(&untrusted, &["evict", "--tenant", "acme", "--sub", "tls-user"]);
+    assert_eq!(code, 1, "publishing through an untrusted TLS server must fail: {stderr}");
+}

@@ -304,7 +304,7 @@ impl Revocation {
     pub async fn publish(&self, event: &Event, leeway_seconds: u64) -> Result<usize, String> {
         let s = &self.shared;
         let mut conn = s.connection()?;
-        let timeout = s.settings.timeout.max(Duration::from_secs(2));
+        let timeout = s.settings.timeout;
         if let Event::TokenRevoked { jti, exp } = event {
             let until = exp.saturating_add(leeway_seconds as i64);
             if until <= unix_now() {
@@ -344,8 +344,10 @@ impl Shared {
     fn connection(&self) -> Result<ConnectionManager, String> {
         self.conn
             .get_or_init(|| {
+                // Connecting (TCP and TLS handshakes) may take longer than one command: each
+                // check still waits at most `timeout`, while the connection finishes for the next.
                 let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.settings.timeout))
+                    .set_connection_timeout(Some(self.settings.timeout.max(Duration::from_secs(1))))
                     .set_response_timeout(Some(self.settings.timeout))
                     .set_number_of_retries(1)
                     .set_min_delay(self.settings.reconnect_min)

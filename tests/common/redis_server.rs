@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 use super::free_port;
 use super::subguard::watched;
 
+/// A file of `tests/fixtures/tls/` (see its `generate.sh`).
+pub fn tls_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(name)
+}
+
 pub fn redis_server_binary() -> PathBuf {
     if let Ok(p) = std::env::var("SUBGUARD_REDIS_SERVER") {
         return PathBuf::from(p);
@@ -38,6 +43,8 @@ struct Running {
 
 pub struct Redis {
     port: u16,
+    /// With TLS: the CA that signed the server certificate (`tests/fixtures/tls/`).
+    tls_ca: Option<Vec<u8>>,
     dir: tempfile::TempDir,
     running: Mutex<Option<Running>>,
 }
@@ -49,13 +56,27 @@ impl Redis {
             .prefix("redis-")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .expect("temp dir for redis");
-        let redis = Redis { port: free_port(), dir, running: Mutex::new(None) };
+        let redis = Redis { port: free_port(), tls_ca: None, dir, running: Mutex::new(None) };
+        redis.start_again();
+        redis
+    }
+
+    /// Starts a redis-server that speaks only TLS, with the certificate of `tests/fixtures/tls/`
+    /// (for 127.0.0.1 and localhost, signed by `ca.pem`).
+    pub fn start_tls() -> Redis {
+        let dir = tempfile::Builder::new()
+            .prefix("redis-tls-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("temp dir for redis");
+        let ca = std::fs::read(tls_fixture("ca.pem")).expect("tests/fixtures/tls/ca.pem");
+        let redis = Redis { port: free_port(), tls_ca: Some(ca), dir, running: Mutex::new(None) };
         redis.start_again();
         redis
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_ca.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Starts redis-server (again) on the same port.
@@ -63,20 +84,23 @@ impl Redis {
         let mut running = self.running.lock().unwrap();
         assert!(running.is_none(), "redis-server is already running");
         let mut cmd = watched(&redis_server_binary());
-        cmd.args([
-            "--port",
-            &self.port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(self.dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        let port = self.port.to_string();
+        if self.tls_ca.is_some() {
+            cmd.args(["--port", "0", "--tls-port", &port, "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(tls_fixture("server.pem"))
+                .arg("--tls-key-file")
+                .arg(tls_fixture("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(tls_fixture("ca.pem"));
+        } else {
+            cmd.args(["--port", &port]);
+        }
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let mut child = cmd.spawn().expect("spawning redis-server");
         let watchdog = child.stdin.take().expect("watchdog pipe");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -112,7 +136,13 @@ impl Redis {
     }
 
     pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
-        let client = redis::Client::open(self.url())?;
+        let client = match &self.tls_ca {
+            None => redis::Client::open(self.url())?,
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates { client_tls: None, root_cert: Some(ca.clone()) },
+            )?,
+        };
         let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {

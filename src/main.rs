@@ -161,7 +161,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match subguard::server::runtime() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("subguard: cannot start the runtime: {e}");

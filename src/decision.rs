@@ -190,7 +190,7 @@ pub struct Decision {
     pub tenant: Option<Arc<str>>,
     /// The token's `sub`, recorded only once the signature has verified (an unverified sub is
     /// attacker-chosen text and must not reach access logs as if it meant something).
-    pub sub: Option<String>,
+    pub sub: Option<Arc<str>>,
     /// The configured issuer that matched the token's `iss`.
     pub issuer: Option<Arc<str>>,
     /// Extra context for the operator's log line (never sent to the client).

@@ -242,14 +242,15 @@ fn load_config(
     })
 }
 
-/// A tokio runtime for command `name`; on failure prints why and returns `code`.
-fn runtime(name: &str, multi_thread: bool, code: ExitCode) -> Result<tokio::runtime::Runtime, ExitCode> {
-    let mut builder = if multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
+/// A tokio runtime for command `name` (`serve`'s own, else a current-thread one); on failure prints
+/// why and returns `code`.
+fn runtime(name: &str, serve: bool, code: ExitCode) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let built = if serve {
+        subguard::server::runtime()
     } else {
-        tokio::runtime::Builder::new_current_thread()
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
     };
-    builder.enable_all().build().map_err(|e| {
+    built.map_err(|e| {
         eprintln!("subguard{name}: cannot start the runtime: {e}");
         code
     })

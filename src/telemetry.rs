@@ -230,6 +230,10 @@ pub struct Metrics {
     in_flight: Gauge,
     shed: Counter,
     token_cache: Family<TokenCacheLabels, Counter>,
+    /// The two series of `token_cache`, held so that counting a lookup (every check) needs no
+    /// family lookup.
+    token_cache_hit: Counter,
+    token_cache_miss: Counter,
     directory_lookups: Family<DirectoryLabels, Counter>,
     jwks_fetches: Family<JwksLabels, Counter>,
     breaker_state: Family<BreakerLabels, Gauge>,
@@ -274,9 +278,6 @@ impl Metrics {
             "Verified-token cache lookups: hit skips signature verification",
             m.token_cache.clone(),
         );
-        for outcome in ["hit", "miss"] {
-            let _ = m.token_cache.get_or_create(&TokenCacheLabels { outcome });
-        }
         r.register("config_reloads", "Configuration reloads by outcome", m.config_reloads.clone());
         for outcome in ["ok", "error"] {
             let _ = m.config_reloads.get_or_create(&ReloadLabels { outcome });
@@ -313,12 +314,17 @@ impl Metrics {
     }
 
     fn unregistered() -> Metrics {
+        let token_cache: Family<TokenCacheLabels, Counter> = Family::default();
+        let token_cache_hit = token_cache.get_or_create(&TokenCacheLabels { outcome: "hit" }).clone();
+        let token_cache_miss = token_cache.get_or_create(&TokenCacheLabels { outcome: "miss" }).clone();
         Metrics {
             checks: Family::default(),
             check_duration: Histogram::new(CHECK_BUCKETS),
             in_flight: Gauge::default(),
             shed: Counter::default(),
-            token_cache: Family::default(),
+            token_cache,
+            token_cache_hit,
+            token_cache_miss,
             directory_lookups: Family::default(),
             jwks_fetches: Family::default(),
             breaker_state: Family::default(),
@@ -331,7 +337,7 @@ impl Metrics {
     }
 
     pub fn token_cache_lookup(&self, hit: bool) {
-        self.token_cache.get_or_create(&TokenCacheLabels { outcome: if hit { "hit" } else { "miss" } }).inc();
+        if hit { &self.token_cache_hit } else { &self.token_cache_miss }.inc();
     }
 
     pub fn revocation_lookup(&self, outcome: &'static str) {
@@ -422,6 +428,16 @@ pub struct InFlight<'a>(&'a Gauge);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// Whether [`Metrics::check_finished`] will log a line for `d` under the current filter.
+pub fn check_logged(d: &Decision) -> bool {
+    use crate::decision::Outcome;
+    match d.outcome {
+        Outcome::Allow(_) => tracing::enabled!(tracing::Level::DEBUG),
+        Outcome::Deny(r) if r.is_outage() => tracing::enabled!(tracing::Level::WARN),
+        Outcome::Deny(_) => tracing::enabled!(tracing::Level::INFO),
     }
 }
 

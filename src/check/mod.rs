@@ -325,7 +325,7 @@ impl Policy {
         }
         let traced = trace.is_some();
         let cached = match &self.token_cache {
-            Some(c) if !traced => Some(c.get(&tenant.name, raw).filter(|f| f.still_verifiable(tenant))),
+            Some(c) if !traced => Some(c.get(&tenant.name, raw, now).filter(|f| f.still_verifiable(tenant))),
             _ => None,
         };
         if let Some(found) = &cached {
@@ -657,10 +657,10 @@ impl Policy {
         let token::Jws { header, claims, .. } = jws;
         Ok(TokenFacts {
             issuer: index,
-            kid: header.kid,
+            kid: header.kid.map(String::into_boxed_str),
             key,
             audience_ok: claims.aud.as_ref().is_some_and(|a| a.contains_any(&issuer.audiences)),
-            sub: claims.sub,
+            sub: claims.sub.map(Arc::from),
             exp: claims.exp,
             nbf: claims.nbf,
             iat: claims.iat,

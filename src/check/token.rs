@@ -26,11 +26,25 @@ pub fn bearer(authorization: Option<&str>) -> Result<&str, Reason> {
     if token.is_empty() {
         return Err(Reason::MissingToken);
     }
-    if !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+    if !token.bytes().all(|b| JWS_BYTE[usize::from(b)]) {
         return Err(Reason::MalformedToken);
     }
     Ok(token)
 }
+
+/// The bytes of a compact JWS: base64url and `.`. A table, because this runs over every byte of
+/// every token (a kilobyte is common) on every check, and one lookup a byte is several times
+/// cheaper than four range tests.
+static JWS_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.';
+        b += 1;
+    }
+    t
+};
 
 /// The JOSE header members subguard reads. `jku`, `x5u`, `jwk` and `x5c` are deliberately not
 /// here: keys named by the token are never fetched or trusted.

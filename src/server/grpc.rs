@@ -149,8 +149,14 @@ impl Authorization for AuthorizationService {
         #[cfg(feature = "otel")]
         crate::telemetry::otel::join_trace(&span, view.header("traceparent"));
         let decision = policy.check(&view, unix_now()).instrument(span.clone()).await;
-        span.record("tenant", decision.tenant.as_deref().unwrap_or(""));
-        span.record("reason", decision.reason_code());
+        // The outcome joins the span for the check's own log line (and the exported trace). With
+        // JSON logs every `record` re-reads and re-writes the span's formatted fields, so it is
+        // skipped when that line is filtered out (allows at the default level): the span then has
+        // no reader left.
+        if cfg!(feature = "otel") || span.in_scope(|| crate::telemetry::check_logged(&decision)) {
+            span.record("tenant", decision.tenant.as_deref().unwrap_or(""));
+            span.record("reason", decision.reason_code());
+        }
         let response = render(&decision, &policy, request_id);
         span.in_scope(|| metrics.check_finished(&decision, request_id, started.elapsed()));
         Ok(Response::new(response))
@@ -209,7 +215,7 @@ fn string_value(s: &str) -> Value {
 /// The dynamic metadata Envoy's access log reads: decision, reason, and what is known of tenant,
 /// sub and issuer.
 pub fn metadata(d: &Decision) -> Struct {
-    let mut fields = std::collections::BTreeMap::new();
+    let mut fields = HashMap::with_capacity(5);
     fields.insert("decision".to_string(), string_value(if d.is_allow() { "allow" } else { "deny" }));
     fields.insert("reason".to_string(), string_value(d.reason_code()));
     for (k, v) in
@@ -219,7 +225,7 @@ pub fn metadata(d: &Decision) -> Struct {
             fields.insert(k.to_string(), string_value(&printable(v)));
         }
     }
-    Struct { fields: fields.into_iter().collect() }
+    Struct { fields }
 }
 
 /// `s` with control characters written as `\u000a` escapes. A signed token's `sub` is still text

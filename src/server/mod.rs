@@ -73,6 +73,25 @@ pub struct Bound {
 
 const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
+/// The runtime `subguard serve` runs on: tokio's multi-thread scheduler with **one** worker,
+/// unless `TOKIO_WORKER_THREADS` asks for more (tokio reads it when no count is set here).
+///
+/// Why one: Envoy multiplexes a worker's checks over one HTTP/2 connection, and a warm check is a
+/// few microseconds of work. With a worker per core, every stream the connection spawns is a task
+/// the idle worker is woken to steal, and that cross-thread hand-off (futex wake, context switch)
+/// cost more than the check itself: measured with `make bench` on 2 cores, subguard's CPU per check
+/// fell from about 120 µs to 65 µs with one worker, and its throughput went from 0.9× to above the
+/// do-nothing floor server's (docs/benchmarks.md). One core verifies 10 000 to 30 000 fresh
+/// signatures a second, more than a sidecar's Envoy sends; a deployment that needs more sets
+/// `TOKIO_WORKER_THREADS`.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    builder.enable_all().build()
+}
+
 /// Runs the sidecar until `shutdown` resolves, then drains. Returns an error only if a listener
 /// cannot be bound.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {

@@ -140,7 +140,7 @@ fuzz-smoke: fuzz-tools
 	$(CARGO) fuzz build $(FUZZ_SMOKE_FLAGS)
 	$(call fuzz_run,$(FUZZ_SMOKE_SECONDS),$(FUZZ_SMOKE_FLAGS))
 
-# Performance (docs/benchmarks.md, docs/loadtest-results.md); never part of `make test`. First the
+# Performance (docs/benchmarks.md: the harness writes its report there); never part of `make test`. First the
 # criterion benches of the in-process decision, then the side-by-side load harness: one Envoy, five
 # listeners on 127.0.0.1 (no auth, jwt_authn, a do-nothing ext_authz server, subguard over TCP and
 # over a Unix socket), wrk from Debian (installed when missing). LOADBENCH_ARGS passes options to

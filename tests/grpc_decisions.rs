@@ -939,6 +939,62 @@ async fn logs_never_contain_a_whole_token() {
     }
 }
 
+/// The one line a check logs, as operators' log queries read it: the decision in `fields`, and the
+/// check's span (request id, trace id, tenant, reason) beside it.
+#[tokio::test]
+async fn each_check_logs_one_line_with_its_span() {
+    let sg = shared();
+    let mut client = sg.client().await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let deny = CheckCall::new()
+        .tenant("acme")
+        .bearer(&acme_rs256().sub("ghost").build())
+        .request_id("req-log-deny")
+        .header("traceparent", &traceparent);
+    client.call(&deny).await;
+    // The shared subguard logs allows too (SUBGUARD_LOG=info,subguard=debug in tests/common).
+    client
+        .call(&CheckCall::new().tenant("acme").bearer(&acme_rs256().build()).request_id("req-log-allow"))
+        .await;
+
+    let line = |id: &str| -> Value {
+        // Stdout is read by a thread: poll until the line is there.
+        for _ in 0..100 {
+            if let Some(e) = sg.log_events().into_iter().find(|e| {
+                e["fields"]["request_id"] == id
+                    && e["fields"]["message"].as_str().is_some_and(|m| m.starts_with("check "))
+            }) {
+                return e;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("no check line with request_id {id}: {:#?}", sg.logs());
+    };
+    let d = line("req-log-deny");
+    assert_eq!(d["level"], "INFO");
+    assert_eq!(d["fields"]["message"], "check denied");
+    assert_eq!(d["fields"]["decision"], "deny");
+    assert_eq!(d["fields"]["reason"], "user_not_found");
+    assert_eq!(d["fields"]["tenant"], "acme");
+    assert_eq!(d["fields"]["sub"], "ghost");
+    assert_eq!(d["fields"]["issuer"], ISS_ACME);
+    assert!(d["fields"]["detail"].as_str().is_some_and(|s| s.contains("no such user")), "{d}");
+    assert_eq!(
+        d["span"],
+        json!({"name": "check", "request_id": "req-log-deny", "trace_id": trace, "tenant": "acme", "reason": "user_not_found"})
+    );
+    let a = line("req-log-allow");
+    assert_eq!(a["level"], "DEBUG");
+    assert_eq!(a["fields"]["message"], "check allowed");
+    assert_eq!(a["fields"]["decision"], "allow");
+    assert_eq!(a["fields"]["sub"], ADMIN_SUB);
+    assert_eq!(
+        a["span"],
+        json!({"name": "check", "request_id": "req-log-allow", "trace_id": "", "tenant": "acme", "reason": "ok"})
+    );
+}
+
 #[tokio::test]
 async fn admin_endpoints() {
     let sg = shared();

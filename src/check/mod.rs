@@ -426,10 +426,7 @@ impl Policy {
         note(&mut trace, || step("subject", Status::Pass, format!("sub {sub:?}"), json!({"sub": sub})));
 
         // What the revocation channel said about this user overrides the directory for a while.
-        let mark = self
-            .revocation
-            .as_ref()
-            .and_then(|r| r.user_mark(&tenant.name, &tenant.directory.normalize(sub)));
+        let mark = self.revocation.as_ref().and_then(|r| r.user_mark(&tenant.name, &tenant.directory, sub));
         if mark.is_some_and(|m| m.deleted) {
             d.detail = Some("a user.deleted event named this user (revocation channel)".into());
             note(&mut trace, || {

@@ -27,6 +27,7 @@ use tokio_stream::StreamExt;
 
 use crate::check::Policy;
 use crate::config::RevocationSettings;
+use crate::directory::Directory;
 use crate::telemetry::Metrics;
 pub use event::Event;
 
@@ -242,14 +243,15 @@ impl Revocation {
         }
     }
 
-    /// What events said about this user (tenant, sub as the directory compares it), if anything.
-    pub fn user_mark(&self, tenant: &Arc<str>, sub: &str) -> Option<UserMark> {
-        // Most fleets go long without user events: skip the key allocation until one arrives
-        // (moka's entry_count lags behind inserts, so it cannot serve as this flag).
+    /// What events said about this user of `tenant`, if anything. `sub` is the token's; it is
+    /// compared as `directory` compares it (its `normalize`).
+    pub fn user_mark(&self, tenant: &Arc<str>, directory: &Directory, sub: &str) -> Option<UserMark> {
+        // Most fleets go long without user events: skip normalising and the key allocation until
+        // one arrives (moka's entry_count lags behind inserts, so it cannot serve as this flag).
         if !self.shared.known.any_marks.load(Ordering::Relaxed) {
             return None;
         }
-        self.shared.known.marks.get(&(tenant.clone(), Arc::from(sub)))
+        self.shared.known.marks.get(&(tenant.clone(), Arc::from(directory.normalize(sub).as_ref())))
     }
 
     /// Whether `jti` is revoked, from what is known locally or from Redis.

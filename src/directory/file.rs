@@ -67,37 +67,6 @@ impl UsersFile {
 /// One tenant as read: its users and the errors found in its list.
 type TenantRead = (String, HashMap<String, Arc<User>>, Vec<ConfigError>);
 
-/// One tenant's users as they are read: duplicates of a sub are errors.
-struct UserList {
-    by_sub: HashMap<String, Arc<User>>,
-    errors: Vec<ConfigError>,
-}
-
-impl UserList {
-    fn with_capacity(n: usize) -> Self {
-        UserList { by_sub: HashMap::with_capacity(n), errors: Vec::new() }
-    }
-
-    fn add(&mut self, at: &str, read: Result<(String, User), ConfigError>) {
-        match read {
-            Ok((sub, user)) => match self.by_sub.entry(sub) {
-                Entry::Occupied(e) => self
-                    .errors
-                    .push(ConfigError::new(format!("{at}.sub"), format!("duplicate sub `{}`", e.key()))),
-                Entry::Vacant(e) => {
-                    e.insert(Arc::new(user));
-                }
-            },
-            Err(e) => self.errors.push(e),
-        }
-    }
-
-    fn finish(mut self) -> UsersRead {
-        self.by_sub.shrink_to_fit();
-        (self.by_sub, self.errors)
-    }
-}
-
 /// The whole file as read, or why its top level is not a mapping of tenants.
 struct Parsed(Result<Vec<TenantRead>, Vec<ConfigError>>);
 
@@ -230,24 +199,31 @@ impl<'de> serde::de::Visitor<'de> for TenantSeed<'_> {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<UsersRead, A::Error> {
-        let mut list = UserList::with_capacity(seq.size_hint().unwrap_or(0));
+        let mut by_sub = HashMap::with_capacity(seq.size_hint().unwrap_or(0));
+        let mut errors = Vec::new();
         let mut i = 0;
         while let Some(v) = seq.next_element::<Value>()? {
             let at = format!("{}[{i}]", self.tenant);
             i += 1;
-            let read = deserialize_at::<FileUser>(&at, v).and_then(|u| checked_user(&at, u, self.roles));
-            list.add(&at, read);
+            match user(&at, v, self.roles) {
+                Ok((sub, user)) => match by_sub.entry(sub) {
+                    Entry::Occupied(e) => errors
+                        .push(ConfigError::new(format!("{at}.sub"), format!("duplicate sub `{}`", e.key()))),
+                    Entry::Vacant(e) => {
+                        e.insert(Arc::new(user));
+                    }
+                },
+                Err(e) => errors.push(e),
+            }
         }
-        Ok(list.finish())
+        by_sub.shrink_to_fit();
+        Ok((by_sub, errors))
     }
 }
 
 /// One user of the file, checked: its sub and the user.
-fn checked_user(
-    at: &str,
-    u: FileUser,
-    roles: &mut HashMap<String, Arc<str>>,
-) -> Result<(String, User), ConfigError> {
+fn user(at: &str, v: Value, roles: &mut HashMap<String, Arc<str>>) -> Result<(String, User), ConfigError> {
+    let u: FileUser = deserialize_at(at, v)?;
     if u.sub.is_empty() {
         return Err(ConfigError::new(format!("{at}.sub"), "must not be empty"));
     }

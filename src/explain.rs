@@ -213,7 +213,7 @@ async fn user_not_found_hints(policy: &Policy, d: &Decision) -> Vec<String> {
             let mut others: Vec<&str> = users
                 .tenants
                 .iter()
-                .filter(|(t, subs)| t.as_str() != tenant_name && subs.contains_key(&looked_up))
+                .filter(|(t, subs)| t.as_str() != tenant_name && subs.contains_key(looked_up.as_str()))
                 .map(|(t, _)| t.as_str())
                 .collect();
             others.sort_unstable();
@@ -227,8 +227,8 @@ async fn user_not_found_hints(policy: &Policy, d: &Decision) -> Vec<String> {
             if let Some(subs) = users.tenants.get(tenant_name) {
                 let mut near: Vec<&str> = subs
                     .keys()
-                    .filter(|k| k.as_str() != looked_up && fold(k) == fold(&looked_up))
-                    .map(String::as_str)
+                    .map(|k| &**k)
+                    .filter(|k| *k != looked_up && fold(k) == fold(&looked_up))
                     .collect();
                 near.sort_unstable();
                 for n in near {

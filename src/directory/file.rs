@@ -4,21 +4,27 @@
 //! tenant; nothing is normalised, so `Alice` and `alice` are different users, exactly as the IdP
 //! minted them.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::{Lookup, User};
 use crate::config::{ConfigError, deserialize_at, io_reason, raw::FileUser};
 
+/// The users of one tenant by sub. Hashed with foldhash rather than SipHash: the keys come from
+/// the operator's file, never from a request, so there is no hash flooding to defend against,
+/// and every check hashes the token's `sub` once to look it up.
+pub type Users = HashMap<Box<str>, Arc<User>, foldhash::fast::RandomState>;
+
 /// The parsed users file: tenant → sub → user.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct UsersFile {
-    pub tenants: HashMap<String, HashMap<String, Arc<User>>>,
+    pub tenants: HashMap<String, Users>,
 }
 
 impl UsersFile {
@@ -38,19 +44,27 @@ impl UsersFile {
     /// a hundred megabytes, which the allocator kept long after the file was loaded.
     ///
     /// A file that is JSON (which is YAML too, so the format is the same) is read by serde_json
-    /// through the same visitors, so it is checked exactly alike, path for path: about five
+    /// through the same visitors, so it is checked exactly alike, path for path, and about ten
     /// times faster than the YAML parser, which matters for machine-generated files of a hundred
     /// thousand users (docs/benchmarks.md). Anything that is not strict JSON is read as YAML.
     pub fn parse(text: &str) -> Result<UsersFile, Vec<ConfigError>> {
         let json = match text.trim_start().starts_with('{') {
-            true => serde_json::from_str::<Parsed>(text).ok(),
+            true => serde_json::from_str::<Parsed<true>>(text).ok().map(|p| p.0),
             false => None,
         };
-        let Parsed(parsed) = match json {
+        let parsed = match json {
             Some(parsed) => parsed,
-            None => serde_saphyr::from_str_with_options(text, yaml_options(text))
-                .map_err(|e| vec![ConfigError::new("", format!("invalid YAML: {e}"))])?,
+            None => {
+                serde_saphyr::from_str_with_options::<Parsed<false>>(text, yaml_options(text))
+                    .map_err(|e| vec![ConfigError::new("", format!("invalid YAML: {e}"))])?
+                    .0
+            }
         };
+        Self::parse_read(parsed)
+    }
+
+    /// The file from its tenants as read, or every error in it.
+    fn parse_read(parsed: Result<Vec<TenantRead>, Vec<ConfigError>>) -> Result<UsersFile, Vec<ConfigError>> {
         let mut tenants = parsed?;
         // Errors as the tree-based reader gave them: tenants in name order, users in file order.
         tenants.sort_by(|a, b| a.0.cmp(&b.0));
@@ -65,10 +79,11 @@ impl UsersFile {
 }
 
 /// One tenant as read: its users and the errors found in its list.
-type TenantRead = (String, HashMap<String, Arc<User>>, Vec<ConfigError>);
+type TenantRead = (String, Users, Vec<ConfigError>);
 
-/// The whole file as read, or why its top level is not a mapping of tenants.
-struct Parsed(Result<Vec<TenantRead>, Vec<ConfigError>>);
+/// The whole file as read, or why its top level is not a mapping of tenants. `JSON`: read by
+/// serde_json, whose users take the fast path of [`TenantSeed::visit_seq`].
+struct Parsed<const JSON: bool>(Result<Vec<TenantRead>, Vec<ConfigError>>);
 
 /// Accepts at every level what `serde_json::Value` accepts (the reader was built on it): `null`
 /// and a non-finite float are null, every other scalar is a value of the wrong kind.
@@ -113,43 +128,42 @@ macro_rules! not_a {
     };
 }
 
-impl<'de> serde::Deserialize<'de> for Parsed {
+impl<'de, const JSON: bool> serde::Deserialize<'de> for Parsed<JSON> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(TopVisitor)
+        d.deserialize_any(TopVisitor::<JSON>)
     }
 }
 
-struct TopVisitor;
+struct TopVisitor<const JSON: bool>;
 
-impl TopVisitor {
-    fn wrong(self) -> Parsed {
+impl<const JSON: bool> TopVisitor<JSON> {
+    fn wrong(self) -> Parsed<JSON> {
         Parsed(Err(vec![ConfigError::new("", "must be a mapping of tenant name to a list of users")]))
     }
-    fn empty(self) -> Parsed {
+    fn empty(self) -> Parsed<JSON> {
         Parsed(Ok(Vec::new()))
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for TopVisitor {
-    type Value = Parsed;
+impl<'de, const JSON: bool> serde::de::Visitor<'de> for TopVisitor<JSON> {
+    type Value = Parsed<JSON>;
     not_a!("a mapping of tenant name to a list of users");
 
-    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Parsed, D::Error> {
-        <Parsed as serde::Deserialize>::deserialize(d)
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Parsed<JSON>, D::Error> {
+        <Parsed<JSON> as serde::Deserialize>::deserialize(d)
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Parsed, A::Error> {
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Parsed<JSON>, A::Error> {
         while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
         Ok(self.wrong())
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Parsed, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Parsed<JSON>, A::Error> {
         let mut tenants = Vec::new();
-        // Users with the same roles share one joined string.
-        let mut roles = HashMap::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut roles = Roles::default();
+        let mut seen = HashSet::new();
         while let Some(tenant) = map.next_key::<String>()? {
-            let read = map.next_value_seed(TenantSeed { tenant: &tenant, roles: &mut roles })?;
+            let read = map.next_value_seed(TenantSeed::<JSON> { tenant: &tenant, roles: &mut roles })?;
             // A JSON reader keeps the last of two equal keys; one tenant's list must not silently
             // replace another's.
             if !seen.insert(tenant.clone()) {
@@ -161,31 +175,75 @@ impl<'de> serde::de::Visitor<'de> for TopVisitor {
     }
 }
 
-/// The list of users of one tenant.
-struct TenantSeed<'a> {
-    tenant: &'a str,
-    roles: &'a mut HashMap<String, Arc<str>>,
+/// Users with the same roles share one joined string (`admin,billing`).
+#[derive(Default)]
+struct Roles {
+    shared: HashSet<Arc<str>, foldhash::fast::RandomState>,
+    joined: String,
 }
 
-type UsersRead = (HashMap<String, Arc<User>>, Vec<ConfigError>);
+impl Roles {
+    fn get(&mut self, roles: &[impl AsRef<str>]) -> Option<Arc<str>> {
+        if roles.is_empty() {
+            return None;
+        }
+        self.joined.clear();
+        for (i, r) in roles.iter().enumerate() {
+            if i > 0 {
+                self.joined.push(',');
+            }
+            self.joined.push_str(r.as_ref());
+        }
+        if let Some(shared) = self.shared.get(self.joined.as_str()) {
+            return Some(shared.clone());
+        }
+        let new: Arc<str> = Arc::from(self.joined.as_str());
+        self.shared.insert(new.clone());
+        Some(new)
+    }
+}
 
-impl TenantSeed<'_> {
+/// The list of users of one tenant.
+struct TenantSeed<'a, const JSON: bool> {
+    tenant: &'a str,
+    roles: &'a mut Roles,
+}
+
+type UsersRead = (Users, Vec<ConfigError>);
+
+impl<const JSON: bool> TenantSeed<'_, JSON> {
     fn wrong(self) -> UsersRead {
-        (HashMap::new(), vec![ConfigError::new(self.tenant, "must be a list of users")])
+        (Users::default(), vec![ConfigError::new(self.tenant, "must be a list of users")])
     }
     fn empty(self) -> UsersRead {
-        (HashMap::new(), Vec::new())
+        (Users::default(), Vec::new())
     }
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for TenantSeed<'_> {
+impl<'de, const JSON: bool> serde::de::DeserializeSeed<'de> for TenantSeed<'_, JSON> {
     type Value = UsersRead;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<UsersRead, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for TenantSeed<'_> {
+/// A user as a JSON file usually writes it, borrowed from the file's text. A user this does not
+/// accept (a string with escapes, a wrong type, an unknown or repeated key) is read again the
+/// general way, which accepts or refuses it exactly as it would have without this shortcut; so a
+/// user accepted here is one that way would have accepted, with the same fields.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BorrowedUser<'a> {
+    sub: &'a str,
+    id: Option<&'a str>,
+    #[serde(default, borrow)]
+    roles: Vec<&'a str>,
+    #[serde(default)]
+    disabled: bool,
+    tokens_valid_after: Option<i64>,
+}
+
+impl<'de, const JSON: bool> serde::de::Visitor<'de> for TenantSeed<'_, JSON> {
     type Value = UsersRead;
     not_a!("a list of users");
 
@@ -199,52 +257,87 @@ impl<'de> serde::de::Visitor<'de> for TenantSeed<'_> {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<UsersRead, A::Error> {
-        let mut by_sub = HashMap::with_capacity(seq.size_hint().unwrap_or(0));
+        // The users in file order with their position, then one map of the right size: each sub
+        // is hashed once, never rehashed as the map grows.
+        let mut read = Vec::with_capacity(seq.size_hint().unwrap_or(0));
         let mut errors = Vec::new();
-        let mut i = 0;
-        while let Some(v) = seq.next_element::<Value>()? {
-            let at = format!("{}[{i}]", self.tenant);
-            i += 1;
-            match user(&at, v, self.roles) {
-                Ok((sub, user)) => match by_sub.entry(sub) {
-                    Entry::Occupied(e) => errors
-                        .push(ConfigError::new(format!("{at}.sub"), format!("duplicate sub `{}`", e.key()))),
-                    Entry::Vacant(e) => {
-                        e.insert(Arc::new(user));
+        let at = |i: usize| format!("{}[{i}]", self.tenant);
+        for i in 0.. {
+            let user = if JSON {
+                let Some(raw) = seq.next_element::<&'de RawValue>()? else { break };
+                match serde_json::from_str::<BorrowedUser>(raw.get()) {
+                    Ok(u) => {
+                        checked(|| at(i), u.sub, u.id, &u.roles, u.disabled, u.tokens_valid_after, self.roles)
                     }
-                },
-                Err(e) => errors.push(e),
+                    Err(_) => match serde_json::from_str::<Value>(raw.get()) {
+                        Ok(v) => user(&at(i), v, self.roles),
+                        Err(e) => Err(ConfigError::new(at(i), e.to_string())),
+                    },
+                }
+            } else {
+                let Some(v) = seq.next_element::<Value>()? else { break };
+                user(&at(i), v, self.roles)
+            };
+            match user {
+                Ok((sub, user)) => read.push((i, sub, user)),
+                Err(e) => errors.push((i, e)),
             }
         }
-        by_sub.shrink_to_fit();
-        Ok((by_sub, errors))
+        let mut by_sub = Users::with_capacity_and_hasher(read.len(), Default::default());
+        for (i, sub, user) in read {
+            match by_sub.entry(sub) {
+                Entry::Occupied(e) => errors.push((
+                    i,
+                    ConfigError::new(format!("{}.sub", at(i)), format!("duplicate sub `{}`", e.key())),
+                )),
+                Entry::Vacant(e) => {
+                    e.insert(Arc::new(user));
+                }
+            }
+        }
+        // Errors in file order, whichever step found them.
+        errors.sort_by_key(|(i, _)| *i);
+        Ok((by_sub, errors.into_iter().map(|(_, e)| e).collect()))
     }
 }
 
-/// One user of the file, checked: its sub and the user.
-fn user(at: &str, v: Value, roles: &mut HashMap<String, Arc<str>>) -> Result<(String, User), ConfigError> {
+/// One user of the file read the general way, as a JSON value: its sub and the user, or the first
+/// thing wrong with it, named by its path in the file.
+fn user(at: &str, v: Value, roles: &mut Roles) -> Result<(Box<str>, User), ConfigError> {
     let u: FileUser = deserialize_at(at, v)?;
-    if u.sub.is_empty() {
-        return Err(ConfigError::new(format!("{at}.sub"), "must not be empty"));
+    checked(|| at.to_string(), &u.sub, u.id.as_deref(), &u.roles, u.disabled, u.tokens_valid_after, roles)
+}
+
+/// A user's fields, checked; `at` names the user in errors (made only when there is one).
+fn checked(
+    at: impl Fn() -> String,
+    sub: &str,
+    id: Option<&str>,
+    user_roles: &[impl AsRef<str>],
+    disabled: bool,
+    tokens_valid_after: Option<i64>,
+    roles: &mut Roles,
+) -> Result<(Box<str>, User), ConfigError> {
+    if sub.is_empty() {
+        return Err(ConfigError::new(format!("{}.sub", at()), "must not be empty"));
     }
-    if u.roles.iter().any(|r| r.is_empty() || r.contains(',') || r.chars().any(char::is_control)) {
+    if user_roles
+        .iter()
+        .map(AsRef::as_ref)
+        .any(|r| r.is_empty() || r.contains(',') || r.chars().any(char::is_control))
+    {
         return Err(ConfigError::new(
-            format!("{at}.roles"),
+            format!("{}.roles", at()),
             "a role must be non-empty and contain no comma or control character",
         ));
     }
     // The id (or the sub standing in for it) becomes a request header upstream.
-    if u.id.as_deref().unwrap_or(&u.sub).chars().any(char::is_control) {
-        return Err(ConfigError::new(format!("{at}.id"), "must not contain control characters"));
+    let id = id.unwrap_or(sub);
+    if id.chars().any(char::is_control) {
+        return Err(ConfigError::new(format!("{}.id", at()), "must not contain control characters"));
     }
-    let joined = (!u.roles.is_empty()).then(|| u.roles.join(","));
-    let user = User {
-        id: Arc::from(u.id.as_deref().unwrap_or(&u.sub)),
-        roles: joined.map(|j| roles.entry(j).or_insert_with_key(|j| Arc::from(j.as_str())).clone()),
-        disabled: u.disabled,
-        tokens_valid_after: u.tokens_valid_after,
-    };
-    Ok((u.sub, user))
+    let user = User { id: Arc::from(id), roles: roles.get(user_roles), disabled, tokens_valid_after };
+    Ok((Box::from(sub), user))
 }
 
 /// serde-saphyr's default budget (250 000 nodes, 1 000 000 events) guards small config files
@@ -324,6 +417,36 @@ mod tests {
         }
         assert!(UsersFile::parse(pairs[0].0).is_ok());
         assert!(UsersFile::parse(pairs[1].0).is_err());
+    }
+
+    /// The shortcut for JSON users (borrowed strings, typed fields) never changes what is accepted
+    /// or what an error says: every file reads exactly as the general way reads it.
+    #[test]
+    fn json_users_read_alike_with_and_without_the_shortcut() {
+        let general = |text: &str| {
+            let read = |p: Parsed<false>| UsersFile::parse_read(p.0);
+            serde_json::from_str::<Parsed<false>>(text).map(read).unwrap()
+        };
+        let files = [
+            r#"{"acme": [{"sub": "a", "id": "u-1", "roles": ["r", "s"]}, {"sub": "b", "disabled": true, "tokens_valid_after": -5}]}"#,
+            // Escapes cannot be borrowed; the general way reads them.
+            r#"{"acme": [{"sub": "caf\u00e9", "id": "say \"hi\""}, {"sub": "slash", "id": "a\/b", "roles": ["r\u0073"]}]}"#,
+            // A repeated key: a JSON value keeps the last.
+            r#"{"acme": [{"sub": "a", "sub": "b"}, {"sub": "c", "roles": ["x"], "roles": []}]}"#,
+            // Wrong types, nulls, unknown keys, numbers out of range, and duplicates among them.
+            r#"{"acme": [{"sub": "a", "id": null}, {"sub": "b", "roles": null}, {"sub": "c", "disabled": null},
+                {"sub": "d", "tokens_valid_after": 1.5}, {"sub": "e", "tokens_valid_after": 18446744073709551615},
+                {"sub": "a"}, {"sub": "f", "rolez": []}, {"sub": ["g"]}, 7, null, {"sub": "h", "roles": [1]},
+                {"sub": "", "id": "i"}, {"sub": "j", "id": "k\u0000"}, {"id": "nosub"}, {"sub": "tab", "id": "a\tb"},
+                {"sub": "comma", "roles": ["a\u002cb"]}]}"#,
+        ];
+        for text in files {
+            assert_eq!(UsersFile::parse(text), general(text), "{text}");
+        }
+        assert_eq!(&*UsersFile::parse(files[1]).unwrap().tenants["acme"]["café"].id, "say \"hi\"");
+        assert!(UsersFile::parse(files[2]).unwrap().tenants["acme"].contains_key("b"));
+        let errors = UsersFile::parse(files[3]).unwrap_err();
+        assert!(errors.iter().any(|e| e.to_string() == "acme[5].sub: duplicate sub `a`"), "{errors:?}");
     }
 
     #[test]

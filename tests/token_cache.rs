@@ -89,3 +89,35 @@ async fn a_cached_token_still_expires_and_dies_with_its_key() {
     let rotated = TokenBuilder::new("rsa-2", Algorithm::RS256).iss(ISS).aud("orders").sub("alice").build();
     assert!(client.call(&ask(rotated)).await.allowed);
 }
+
+/// The same key material republished under another `kid` is, for a token naming the old `kid`,
+/// a key that is gone: the cached token stops as a fresh verification would.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_token_dies_when_its_key_moves_to_another_kid() {
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    let sg = Subguard::start_in(ConfigDir::with(&config(&idp.jwks_uri()), "acme:\n  - sub: alice\n"));
+    let mut client = sg.client().await;
+    let token =
+        TokenBuilder::new("rsa-1", Algorithm::RS256).iss(ISS).aud("orders").sub("alice").exp_in(300).build();
+    let ask = CheckCall::new().tenant("acme").bearer(&token);
+    assert!(client.call(&ask).await.allowed);
+    assert!(client.call(&ask).await.allowed);
+    assert!(token_cache_count(&sg, "hit") >= 1.0, "the second check was not a cache hit");
+
+    let mut jwks: serde_json::Value = serde_json::from_str(&jwks_text("issuer-a.jwks.json")).unwrap();
+    let keys = jwks["keys"].as_array_mut().unwrap();
+    let rsa1 = keys.iter_mut().find(|k| k["kid"] == "rsa-1").expect("issuer-a has rsa-1");
+    rsa1["kid"] = "rsa-1-renamed".into();
+    idp.set_jwks(&jwks.to_string());
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = client.call(&ask).await;
+        if out.reason() == Some("unknown_key") {
+            break;
+        }
+        assert!(out.allowed, "{out:#?}");
+        assert!(Instant::now() < deadline, "a cached token outlived the renaming of its key");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

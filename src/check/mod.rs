@@ -341,13 +341,13 @@ impl Policy {
                 facts
             }
         };
-        d.issuer = Some(tenant.issuers[facts.issuer].iss.clone());
+        d.issuer = Some(tenant.issuers[facts.issuer as usize].iss.clone());
         d.sub = facts.sub.clone().filter(|s| !s.is_empty());
         let claims = &facts;
 
         let leeway = self.token.leeway_seconds as f64;
         let now_f = now as f64;
-        match claims.exp {
+        match claims.exp.get() {
             None => {
                 d.detail = Some("the token has no exp".into());
                 note(&mut trace, || {
@@ -371,7 +371,7 @@ impl Policy {
             }
             Some(_) => {}
         }
-        for (name, t) in [("nbf", claims.nbf), ("iat", claims.iat)] {
+        for (name, t) in [("nbf", claims.nbf.get()), ("iat", claims.iat.get())] {
             if let Some(t) = t
                 && t - leeway > now_f
             {
@@ -389,15 +389,16 @@ impl Policy {
             }
         }
         note(&mut trace, || {
-            let left = claims.exp.map(|e| explain::human_duration((e - now_f) as i64)).unwrap_or_default();
-            let summary = if claims.exp.is_some_and(|e| e > now_f) {
+            let left =
+                claims.exp.get().map(|e| explain::human_duration((e - now_f) as i64)).unwrap_or_default();
+            let summary = if claims.exp.get().is_some_and(|e| e > now_f) {
                 format!("valid: expires in {left}, leeway {}s", leeway as i64)
             } else {
                 format!("valid within the leeway: expired {left} ago, leeway {}s", leeway as i64)
             };
             time_step(claims, now, leeway, Status::Pass, summary)
         });
-        let issuer = &tenant.issuers[facts.issuer];
+        let issuer = &tenant.issuers[facts.issuer as usize];
         if !claims.audience_ok {
             note(&mut trace, || {
                 step(
@@ -477,7 +478,7 @@ impl Policy {
             (a, b) => a.or(b),
         };
         if let Some(valid_after) = valid_after {
-            let revoked = match claims.iat {
+            let revoked = match claims.iat.get() {
                 None => Some("the user has tokens_valid_after and the token has no iat".to_string()),
                 Some(iat) if iat < valid_after as f64 => {
                     Some(format!("iat {iat} is before tokens_valid_after {valid_after}"))
@@ -493,7 +494,7 @@ impl Policy {
                         "revocation",
                         Status::Fail,
                         format!("revoked: {why}"),
-                        json!({"iat": claims.iat, "tokens_valid_after": valid_after}),
+                        json!({"iat": claims.iat.get(), "tokens_valid_after": valid_after}),
                     )
                 });
                 d.detail = Some(why);
@@ -653,15 +654,16 @@ impl Policy {
         let key = verify_signature(issuer, &jws, alg, d, trace).await?;
         let token::Jws { header, claims, .. } = jws;
         Ok(TokenFacts {
-            issuer: index,
-            kid: header.kid.map(String::into_boxed_str),
-            key,
+            // An index into one tenant's issuers, which a config file lists by hand.
+            issuer: u32::try_from(index).unwrap_or(u32::MAX),
             audience_ok: claims.aud.as_ref().is_some_and(|a| a.contains_any(&issuer.audiences)),
+            has_kid: header.kid.is_some(),
+            key,
             sub: claims.sub.map(Arc::from),
-            exp: claims.exp,
-            nbf: claims.nbf,
-            iat: claims.iat,
-            jti: claims.jti,
+            exp: claims.exp.into(),
+            nbf: claims.nbf.into(),
+            iat: claims.iat.into(),
+            jti: claims.jti.filter(|_| self.revocation.is_some()).map(String::into_boxed_str),
         })
     }
 
@@ -862,7 +864,7 @@ fn time_step(claims: &TokenFacts, now: i64, leeway: f64, status: Status, summary
         "time",
         status,
         format!("{summary} (now {now})"),
-        json!({"now": now, "leeway_seconds": leeway as i64, "exp": claims.exp, "nbf": claims.nbf, "iat": claims.iat}),
+        json!({"now": now, "leeway_seconds": leeway as i64, "exp": claims.exp.get(), "nbf": claims.nbf.get(), "iat": claims.iat.get()}),
     )
 }
 

@@ -24,35 +24,56 @@ use aws_lc_rs::digest;
 
 use super::Tenant;
 
-/// What signature verification established about a token.
+/// What signature verification established about a token. One is kept per cached token, so it
+/// is laid out to be small (about 100 bytes beside the `sub` and `jti` strings).
 #[derive(Debug)]
 pub struct TokenFacts {
     /// Index of the matched issuer in the tenant's issuers.
-    pub issuer: usize,
-    pub kid: Option<Box<str>>,
-    /// Fingerprint of the key that verified the signature.
-    pub key: [u8; 32],
+    pub issuer: u32,
     /// `aud` holds one of the issuer's audiences.
     pub audience_ok: bool,
+    /// The token names its key (`kid`); only such tokens are cached.
+    pub has_kid: bool,
+    /// Fingerprint of the key that verified the signature: its `kid` and its key material.
+    pub key: [u8; 32],
     /// Shared with every decision that reports it (no copy per check).
     pub sub: Option<Arc<str>>,
-    pub exp: Option<f64>,
-    pub nbf: Option<f64>,
-    pub iat: Option<f64>,
-    /// The token's id, checked against the fleet's revoked `jti`s (`revocation:`).
-    pub jti: Option<String>,
+    pub exp: Time,
+    pub nbf: Time,
+    pub iat: Time,
+    /// The token's id, checked against the fleet's revoked `jti`s; kept only when the policy
+    /// has a revocation channel (`revocation:`).
+    pub jti: Option<Box<str>>,
 }
 
 impl TokenFacts {
     /// Whether the very key that verified this token is still published by its issuer under the
-    /// same `kid` (a key replaced under its old `kid` is a different key).
+    /// same `kid` (a key replaced under its old `kid` is a different key; the fingerprint covers
+    /// both).
     pub fn still_verifiable(&self, tenant: &Tenant) -> bool {
-        let (Some(issuer), Some(kid)) = (tenant.issuers.get(self.issuer), self.kid.as_deref()) else {
+        let Some(issuer) = tenant.issuers.get(self.issuer as usize).filter(|_| self.has_kid) else {
             return false;
         };
-        issuer.keys.current().is_some_and(|set| {
-            set.keys.iter().any(|k| k.kid.as_deref() == Some(kid) && k.fingerprint == self.key)
-        })
+        issuer.keys.current().is_some_and(|set| set.keys.iter().any(|k| k.fingerprint == self.key))
+    }
+}
+
+/// An optional NumericDate (`exp`, `nbf`, `iat`) in eight bytes instead of sixteen: NaN, which
+/// JSON cannot express, stands for "absent".
+#[derive(Clone, Copy, Debug)]
+pub struct Time(f64);
+
+impl Time {
+    pub fn get(self) -> Option<f64> {
+        (!self.0.is_nan()).then_some(self.0)
+    }
+}
+
+impl From<Option<f64>> for Time {
+    /// A NaN claim reads as absent, which is how every check already treated it (NaN compares
+    /// false with everything).
+    fn from(t: Option<f64>) -> Self {
+        Time(t.unwrap_or(f64::NAN))
     }
 }
 
@@ -130,7 +151,7 @@ impl TokenCache {
     /// Remembers a verified token until its `exp` + leeway (at most an hour). Tokens without
     /// `kid` or `exp`, or already expired, are not kept.
     pub fn insert(&self, tenant: &str, token: &str, facts: &Arc<TokenFacts>, now: i64, leeway: u64) {
-        let (Some(_), Some(exp)) = (facts.kid.as_ref(), facts.exp) else { return };
+        let (true, Some(exp)) = (facts.has_kid, facts.exp.get()) else { return };
         let remaining = exp + leeway as f64 - now as f64;
         if remaining.is_nan() || remaining <= 0.0 {
             return;
@@ -179,13 +200,13 @@ mod tests {
     fn facts(kid: Option<&str>, exp: Option<f64>) -> Arc<TokenFacts> {
         Arc::new(TokenFacts {
             issuer: 0,
-            kid: kid.map(Into::into),
-            key: [0; 32],
             audience_ok: true,
+            has_kid: kid.is_some(),
+            key: [0; 32],
             sub: Some("s".into()),
-            exp,
-            nbf: None,
-            iat: None,
+            exp: exp.into(),
+            nbf: None.into(),
+            iat: None.into(),
             jti: None,
         })
     }

@@ -75,7 +75,8 @@ impl KeyKind {
 /// One verification key.
 pub struct VerifyingKey {
     pub kid: Option<String>,
-    /// SHA-256 of the key material, so a key replaced under the same `kid` is a different key.
+    /// SHA-256 of the `kid` and the key material: a key replaced under the same `kid`, or the same
+    /// key under another `kid`, is a different key (the verified-token cache relies on this).
     pub fingerprint: [u8; 32],
     pub kind: KeyKind,
     /// The JWK's own `alg`, when it pins one.
@@ -244,6 +245,14 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
         return Err(format!("alg {a:?} does not fit a {} key", kind.name()));
     }
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    match &jwk.kid {
+        Some(kid) => {
+            ctx.update(&[1]);
+            ctx.update(kid.as_bytes());
+            ctx.update(&[0]);
+        }
+        None => ctx.update(&[0]),
+    }
     for part in [&jwk.kty, &jwk.crv, &jwk.n, &jwk.e, &jwk.x, &jwk.y] {
         ctx.update(part.as_deref().unwrap_or("").as_bytes());
         ctx.update(&[0]);

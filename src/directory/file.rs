@@ -449,6 +449,20 @@ mod tests {
         assert!(errors.iter().any(|e| e.to_string() == "acme[5].sub: duplicate sub `a`"), "{errors:?}");
     }
 
+    /// docs/configuration.md: unquoted YAML 1.1 booleans are not roles; quoted they are.
+    #[test]
+    fn yaml_boolean_words_must_be_quoted_as_roles() {
+        for word in ["y", "n", "yes", "no", "on", "off"] {
+            let errors = UsersFile::parse(&format!("acme: [{{sub: a, roles: [{word}]}}]")).unwrap_err();
+            assert!(
+                errors[0].to_string().starts_with("acme[0].roles[0]: invalid type: boolean"),
+                "{word}: {errors:?}"
+            );
+            let f = UsersFile::parse(&format!("acme: [{{sub: a, roles: [\"{word}\"]}}]")).unwrap();
+            assert_eq!(f.tenants["acme"]["a"].roles.as_deref(), Some(word));
+        }
+    }
+
     #[test]
     fn a_tenant_listed_twice_is_refused_in_either_form() {
         for text in

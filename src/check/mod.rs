@@ -550,7 +550,7 @@ impl Policy {
                 json!({"id": &*user.id, "roles": user.roles.as_deref(), "tokens_valid_after": valid_after}),
             )
         });
-        Ok(Identity { user_id: user.id.clone(), roles: user.roles.clone() })
+        Ok(Identity { user_id: user.id, roles: user.roles })
     }
 
     /// The expensive, cacheable half of a check: parse the token, match its issuer among the

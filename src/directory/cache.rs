@@ -174,12 +174,7 @@ mod tests {
     }
 
     fn found() -> Lookup {
-        Lookup::Found(Arc::new(User {
-            id: "u".into(),
-            roles: None,
-            disabled: false,
-            tokens_valid_after: None,
-        }))
+        Lookup::Found(User { id: "u".into(), roles: None, disabled: false, tokens_valid_after: None })
     }
 
     #[tokio::test]

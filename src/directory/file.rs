@@ -19,7 +19,7 @@ use crate::config::{ConfigError, deserialize_at, io_reason, raw::FileUser};
 /// The users of one tenant by sub. Hashed with foldhash rather than SipHash: the keys come from
 /// the operator's file, never from a request, so there is no hash flooding to defend against,
 /// and every check hashes the token's `sub` once to look it up.
-pub type Users = HashMap<Box<str>, Arc<User>, foldhash::fast::RandomState>;
+pub type Users = HashMap<Box<str>, User, foldhash::fast::RandomState>;
 
 /// The parsed users file: tenant → sub → user.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -296,7 +296,7 @@ impl<'de, const JSON: bool> serde::de::Visitor<'de> for TenantSeed<'_, JSON> {
                     ConfigError::new(format!("{}.sub", at(i)), format!("duplicate sub `{}`", e.key())),
                 )),
                 Entry::Vacant(e) => {
-                    e.insert(Arc::new(user));
+                    e.insert(user);
                 }
             }
         }

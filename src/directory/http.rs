@@ -262,7 +262,7 @@ impl HttpDirectory {
                     u.disabled.unwrap_or(false),
                     u.tokens_valid_after,
                 )?;
-                Ok(Lookup::Found(user.into()))
+                Ok(Lookup::Found(user))
             }
             StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Lookup::NotFound),
             s => Err(FetchError::Transport(format!("status {}", s.as_u16()))),

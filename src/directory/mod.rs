@@ -39,7 +39,8 @@ pub struct User {
 /// The directory's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    Found(Arc<User>),
+    /// The user, by value: its strings are shared, so a copy is two reference counts.
+    Found(User),
     NotFound,
 }
 

@@ -154,7 +154,7 @@ impl ScimDirectory {
             RolesFrom::Roles => user.roles.into_iter().filter_map(|r| r.value).collect(),
         };
         let u = user_from(sub, user.id, roles, user.active == Some(false), None)?;
-        Ok(Lookup::Found(u.into()))
+        Ok(Lookup::Found(u))
     }
 }
 

@@ -571,6 +571,21 @@ def start_subguard(procs: Processes, name: str, binary: pathlib.Path, config: pa
     return ready, procs.started[name]
 
 
+def three_starts(procs: Processes, name: str, binary: pathlib.Path, admin_port: int, users: str) -> dict:
+    """Starts `WORK/<name>.yaml` three times: the median ready time, and RSS 1 s after the last."""
+    readies = []
+    for i in range(3):
+        ready, proc = start_subguard(procs, name, binary, WORK / f"{name}.yaml", admin_port)
+        readies.append(ready)
+        if i == 2:
+            time.sleep(1)
+            idle = proc_status(proc.pid)["VmRSS"]
+        procs.stop(name)
+    return {"name": name, "users": users,
+            "ready_ms": f"{med(readies) * 1000:.0f} ms (median of 3: " + ", ".join(f"{r * 1000:.0f}" for r in readies) + ")",
+            "idle": rss_mib(idle)}
+
+
 # --------------------------------------------------------------------------------------------------
 # Runs
 
@@ -991,33 +1006,11 @@ def main_run(args: argparse.Namespace) -> int:
     procs = Processes()
     memory: list[dict] = []
     try:
-        # Start-up and idle memory with the quickstart users file: three starts, median ready time.
-        readies = []
-        for i in range(3):
-            ready, proc = start_subguard(procs, "sg_small", subguard, WORK / "sg_small.yaml", ports.sg_small_admin)
-            readies.append(ready)
-            if i == 2:
-                time.sleep(1)
-                idle = proc_status(proc.pid)["VmRSS"]
-            procs.stop("sg_small")
-        memory.append({"name": "sg_small", "users": "quickstart (5 users)",
-                       "ready_ms": f"{med(readies) * 1000:.0f} ms (median of 3: "
-                                   + ", ".join(f"{r * 1000:.0f}" for r in readies) + ")",
-                       "idle": rss_mib(idle)})
-
-        # The same generated users written as YAML: start-up only (three starts, median).
-        readies = []
-        for i in range(3):
-            ready, proc = start_subguard(procs, "sg_yaml", subguard, WORK / "sg_yaml.yaml", ports.sg_small_admin)
-            readies.append(ready)
-            if i == 2:
-                time.sleep(1)
-                idle = proc_status(proc.pid)["VmRSS"]
-            procs.stop("sg_yaml")
-        memory.append({"name": "sg_yaml", "users": f"{args.users} generated + quickstart, as YAML",
-                       "ready_ms": f"{med(readies) * 1000:.0f} ms (median of 3: "
-                                   + ", ".join(f"{r * 1000:.0f}" for r in readies) + ")",
-                       "idle": rss_mib(idle)})
+        # Start-up and idle memory with the quickstart users file, and with the generated users
+        # written as YAML: three starts each, median ready time.
+        memory.append(three_starts(procs, "sg_small", subguard, ports.sg_small_admin, "quickstart (5 users)"))
+        memory.append(three_starts(procs, "sg_yaml", subguard, ports.sg_small_admin,
+                                   f"{args.users} generated + quickstart, as YAML"))
 
         if args.probe_users and args.probe_users != args.users:
             memory.append(probe_users_file(subguard, args.probe_users))

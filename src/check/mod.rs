@@ -341,7 +341,7 @@ impl Policy {
                 facts
             }
         };
-        d.issuer = Some(tenant.issuers[facts.issuer as usize].iss.clone());
+        d.issuer = Some(tenant.issuers[facts.issuer].iss.clone());
         d.sub = facts.sub.clone().filter(|s| !s.is_empty());
         let claims = &facts;
 
@@ -398,7 +398,7 @@ impl Policy {
             };
             time_step(claims, now, leeway, Status::Pass, summary)
         });
-        let issuer = &tenant.issuers[facts.issuer as usize];
+        let issuer = &tenant.issuers[facts.issuer];
         if !claims.audience_ok {
             note(&mut trace, || {
                 step(
@@ -654,8 +654,7 @@ impl Policy {
         let key = verify_signature(issuer, &jws, alg, d, trace).await?;
         let token::Jws { header, claims, .. } = jws;
         Ok(TokenFacts {
-            // An index into one tenant's issuers, which a config file lists by hand.
-            issuer: u32::try_from(index).unwrap_or(u32::MAX),
+            issuer: index,
             audience_ok: claims.aud.as_ref().is_some_and(|a| a.contains_any(&issuer.audiences)),
             has_kid: header.kid.is_some(),
             key,

@@ -29,7 +29,7 @@ use super::Tenant;
 #[derive(Debug)]
 pub struct TokenFacts {
     /// Index of the matched issuer in the tenant's issuers.
-    pub issuer: u32,
+    pub issuer: usize,
     /// `aud` holds one of the issuer's audiences.
     pub audience_ok: bool,
     /// The token names its key (`kid`); only such tokens are cached.
@@ -51,7 +51,7 @@ impl TokenFacts {
     /// same `kid` (a key replaced under its old `kid` is a different key; the fingerprint covers
     /// both).
     pub fn still_verifiable(&self, tenant: &Tenant) -> bool {
-        let Some(issuer) = tenant.issuers.get(self.issuer as usize).filter(|_| self.has_kid) else {
+        let Some(issuer) = tenant.issuers.get(self.issuer).filter(|_| self.has_kid) else {
             return false;
         };
         issuer.keys.current().is_some_and(|set| set.keys.iter().any(|k| k.fingerprint == self.key))

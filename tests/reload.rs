@@ -156,6 +156,46 @@ async fn an_invalid_config_is_refused_logged_counted_and_the_old_one_keeps_servi
     assert!(new_lines.contains("hots"), "the refusal is logged with its cause:\n{new_lines}");
 }
 
+/// How many times subguard looked for changes and found none (a debug line each).
+fn unchanged_checks(sg: &Subguard) -> usize {
+    sg.log_events()
+        .iter()
+        .filter(|e| e["fields"]["message"] == "watched files unchanged; nothing to reload")
+        .count()
+}
+
+#[tokio::test]
+async fn reading_the_watched_files_is_not_a_change_and_one_check_does_not_start_the_next() {
+    let sg = Subguard::start(CONFIG, USERS);
+    let mut client = sg.client().await;
+    let dir = sg.dir.path();
+    // Others read the files (a backup, `cat`, a sidecar), and write a file beside them.
+    for _ in 0..5 {
+        for f in ["config.yaml", "users.yaml", "keys/issuer-a.jwks.json"] {
+            std::fs::read(dir.join(f)).unwrap();
+        }
+        std::fs::write(dir.join("notes.txt"), "not watched\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(unchanged_checks(&sg), 0, "reads and unrelated files made subguard look for changes");
+
+    // The users file is written again with the same contents: one look, which finds nothing.
+    // Its own reads of the files must not make it look again (they once did, every 200 ms).
+    sg.dir.write_users(USERS);
+    let deadline = Instant::now() + WAIT;
+    while unchanged_checks(&sg) == 0 {
+        assert!(Instant::now() < deadline, "the rewrite of the users file was never looked at");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let looks = unchanged_checks(&sg);
+    // One write raises a few events; a slow machine may see them in two bursts, never ten.
+    assert!(looks <= 2, "subguard kept looking at unchanged files: {looks} times in 2 s");
+    assert_eq!(reloads_counted(&sg), 0.0, "nothing changed, so nothing was reloaded");
+    assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed);
+}
+
 #[tokio::test]
 async fn a_kubernetes_configmap_symlink_swap_is_picked_up() {
     // A ConfigMap volume: config.yaml -> ..data/config.yaml, ..data -> ..<timestamp>/, and an

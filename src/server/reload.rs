@@ -7,15 +7,20 @@
 //! flight finish on the policy they started with, so no check fails because of a reload.
 //!
 //! Watching is per folder, not per file: a Kubernetes ConfigMap update replaces the `..data`
-//! symlink in the mounted folder, which a watch on the file itself would never see. Every event
-//! leads to a content fingerprint comparison, so editor noise does not cause reloads.
+//! symlink in the mounted folder, which a watch on the file itself would never see. Only events
+//! that can change a watched file count ([`relevant`]): a write, create, rename or removal of a
+//! watched file or of a ConfigMap's `..` entries. Reads do not — subguard's own reads of its files
+//! raise them, and once counted they made every check for changes trigger the next. A counted
+//! event leads to a content fingerprint comparison, so editor noise does not cause reloads.
 
 use std::collections::BTreeSet;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use aws_lc_rs::digest;
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
@@ -48,14 +53,62 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// A hash of the contents of `files` (a missing file hashes as missing).
-fn fingerprint(files: &BTreeSet<PathBuf>) -> u64 {
-    let mut h = DefaultHasher::new();
-    for f in files {
-        f.hash(&mut h);
-        std::fs::read(f).ok().hash(&mut h);
+/// Whether a file event in a watched folder can mean that one of `files` changed.
+///
+/// Reads never do: opening a file, reading it and closing it unwritten are events too, and
+/// subguard raises them itself whenever it fingerprints or loads its files. Other files in the
+/// same folder (logs, an editor's swap file) do not matter either, except the entries Kubernetes
+/// swaps when a ConfigMap changes (`..data`, `..data_tmp`, `..<timestamp>`), through which the
+/// watched names resolve. An event without paths, or one asking for a rescan, counts.
+fn relevant(event: &notify::Event, files: &BTreeSet<PathBuf>) -> bool {
+    let reads_only = match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => false,
+        EventKind::Access(_) => true,
+        _ => false,
+    };
+    if reads_only {
+        return false;
     }
-    h.finish()
+    if event.need_rescan() || event.paths.is_empty() {
+        return true;
+    }
+    event.paths.iter().any(|p| {
+        files.contains(p) || p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".."))
+    })
+}
+
+/// A digest of the contents of `files` (a missing or unreadable file counts as missing), read in
+/// small pieces so a large users file is never held twice.
+fn fingerprint(files: &BTreeSet<PathBuf>) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    for f in files {
+        let name = f.as_os_str().as_encoded_bytes();
+        ctx.update(&(name.len() as u64).to_le_bytes());
+        ctx.update(name);
+        let mut len: u64 = 0;
+        let mut readable = std::fs::File::open(f).ok();
+        while let Some(file) = readable.as_mut() {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    ctx.update(&buf[..n]);
+                    len += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => readable = None,
+            }
+        }
+        // The length (or its absence) ends each file, so files cannot run into each other.
+        match readable {
+            Some(_) => ctx.update(&[1]),
+            None => ctx.update(&[0]),
+        }
+        ctx.update(&len.to_le_bytes());
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 /// What one reload attempt did.
@@ -71,14 +124,22 @@ pub struct Reloader {
     state: Arc<State>,
     config_path: PathBuf,
     files: BTreeSet<PathBuf>,
-    fingerprint: u64,
+    /// `files` again, for the watcher's thread to filter events with.
+    shared_files: Arc<Mutex<BTreeSet<PathBuf>>>,
+    fingerprint: [u8; 32],
 }
 
 impl Reloader {
     pub fn new(state: Arc<State>, config_path: PathBuf) -> Reloader {
         let files = watched_files(&state.policy.load().config);
         let fingerprint = fingerprint(&files);
-        Reloader { state, config_path, files, fingerprint }
+        let shared_files = Arc::new(Mutex::new(files.clone()));
+        Reloader { state, config_path, files, shared_files, fingerprint }
+    }
+
+    /// The watched files as the watcher's event filter sees them.
+    pub fn shared_files(&self) -> Arc<Mutex<BTreeSet<PathBuf>>> {
+        self.shared_files.clone()
     }
 
     /// The folders to watch.
@@ -90,8 +151,9 @@ impl Reloader {
     /// when the files look unchanged (SIGHUP).
     pub async fn reload(&mut self, trigger: &str, force: bool) -> Result<ReloadOutcome, Vec<ConfigError>> {
         let files = self.files.clone();
-        let now = tokio::task::spawn_blocking(move || fingerprint(&files)).await.unwrap_or(0);
+        let now = tokio::task::spawn_blocking(move || fingerprint(&files)).await.unwrap_or([0; 32]);
         if !force && now == self.fingerprint {
+            tracing::debug!(trigger, "watched files unchanged; nothing to reload");
             return Ok(ReloadOutcome::Unchanged);
         }
         let result = self.load_and_swap().await;
@@ -143,6 +205,9 @@ impl Reloader {
         policy.start_key_refresh();
         self.state.policy.store(Arc::new(policy));
         self.state.start_revocation();
+        if let Ok(mut shared) = self.shared_files.lock() {
+            shared.clone_from(&files);
+        }
         self.files = files;
         Ok(())
     }
@@ -152,9 +217,14 @@ impl Reloader {
 pub fn spawn(state: Arc<State>, config_path: PathBuf) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut reloader = Reloader::new(state, config_path);
+        let files = reloader.shared_files();
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            let Ok(event) = res else { return };
+            // A poisoned lock cannot happen (nothing panics while holding it); if it did, count
+            // the event: a needless check for changes beats a missed one.
+            let counts = files.lock().map(|f| relevant(&event, &f)).unwrap_or(true);
+            if counts {
                 let _ = tx.try_send(());
             }
         }) {
@@ -201,4 +271,112 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf) -> tokio::task::JoinHandle
             let _ = reloader.reload(trigger, force).await;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::Event;
+    use notify::event::{CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode};
+
+    fn files() -> BTreeSet<PathBuf> {
+        ["/etc/sg/config.yaml", "/etc/sg/users.json", "/keys/acme.jwks.json"]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect()
+    }
+
+    fn event(kind: EventKind, path: &str) -> Event {
+        Event::new(kind).add_path(PathBuf::from(path))
+    }
+
+    #[test]
+    fn reads_of_watched_files_do_not_count() {
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Any),
+        ] {
+            assert!(!relevant(&event(kind, "/etc/sg/users.json"), &files()), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn writes_renames_and_removals_of_watched_files_count() {
+        for kind in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Any,
+        ] {
+            assert!(relevant(&event(kind, "/keys/acme.jwks.json"), &files()), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn other_files_in_a_watched_folder_do_not_count() {
+        let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        for path in
+            ["/etc/sg/envoy.log", "/etc/sg/.users.json.swp", "/etc/sg/users.json~", "/keys/other.json"]
+        {
+            assert!(!relevant(&event(write, path), &files()), "{path}");
+        }
+    }
+
+    #[test]
+    fn a_configmap_swap_counts() {
+        // kubelet: a new ..<timestamp> folder, a ..data_tmp symlink renamed over ..data.
+        for (kind, path) in [
+            (EventKind::Create(CreateKind::Folder), "/etc/sg/..2026_11_23_18_00_00.123"),
+            (EventKind::Create(CreateKind::File), "/etc/sg/..data_tmp"),
+            (EventKind::Modify(ModifyKind::Name(RenameMode::To)), "/etc/sg/..data"),
+        ] {
+            assert!(relevant(&event(kind, path), &files()), "{path}");
+        }
+    }
+
+    #[test]
+    fn an_event_without_paths_or_asking_for_a_rescan_counts() {
+        let write = EventKind::Modify(ModifyKind::Any);
+        assert!(relevant(&Event::new(write), &files()));
+        let rescan = event(write, "/etc/sg/envoy.log").set_flag(notify::event::Flag::Rescan);
+        assert!(relevant(&rescan, &files()));
+    }
+
+    #[test]
+    fn the_fingerprint_follows_contents_not_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.yaml");
+        let b = dir.path().join("b.yaml");
+        std::fs::write(&a, "x: 1\n").unwrap();
+        std::fs::write(&b, "y: 2\n").unwrap();
+        let set: BTreeSet<PathBuf> = [a.clone(), b.clone()].into_iter().collect();
+        let first = fingerprint(&set);
+        assert_eq!(fingerprint(&set), first, "reading changes nothing");
+        std::fs::write(&a, "x: 1\n").unwrap();
+        assert_eq!(fingerprint(&set), first, "the same contents written again");
+        // Bytes moved from one file to the next must not look the same.
+        std::fs::write(&a, "x: 1\ny").unwrap();
+        std::fs::write(&b, ": 2\n").unwrap();
+        assert_ne!(fingerprint(&set), first);
+        std::fs::write(&a, "x: 1\n").unwrap();
+        std::fs::write(&b, "y: 2\n").unwrap();
+        assert_eq!(fingerprint(&set), first);
+        std::fs::remove_file(&b).unwrap();
+        assert_ne!(fingerprint(&set), first, "a missing file");
+        std::fs::write(&b, "").unwrap();
+        let empty = fingerprint(&set);
+        assert_ne!(empty, first);
+        std::fs::remove_file(&b).unwrap();
+        assert_ne!(fingerprint(&set), empty, "missing is not empty");
+        // Larger than one read: a change near the end is seen.
+        let big = "u".repeat(300_000);
+        std::fs::write(&b, &big).unwrap();
+        let before = fingerprint(&set);
+        std::fs::write(&b, format!("{}v", &big[..big.len() - 1])).unwrap();
+        assert_ne!(fingerprint(&set), before);
+    }
 }

@@ -407,18 +407,34 @@ fn decision(c: &mut Criterion) {
     }
 
     // --- the signature alone -----------------------------------------------------------------
+    // subguard's verification (the key parsed once, when the JWKS was read) beside jsonwebtoken's
+    // `crypto::verify`, which parses the key again for every signature.
     {
         let mut g = c.benchmark_group("signature_only");
         let jwks = std::fs::read(keys_dir().join("issuer-a.jwks.json")).unwrap();
         let set = KeySet::from_jwks(&jwks).expect("fixture JWKS parses");
+        let doc: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&jwks).expect("fixture JWKS");
         for minter in [&rs, &es, &ed] {
-            let key = &set.keys.iter().find(|k| k.kid.as_deref() == Some(minter.kid)).unwrap().key;
+            let key = set.keys.iter().find(|k| k.kid.as_deref() == Some(minter.kid)).unwrap();
+            let jwk = doc.find(minter.kid).expect("fixture kid");
+            let decoding = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("fixture JWK");
             let token = minter.token(ISSUER, SUB, 0);
             let (message, signature) = token.rsplit_once('.').unwrap();
-            assert!(jsonwebtoken::crypto::verify(signature, message.as_bytes(), key, minter.alg).unwrap());
-            g.bench_function(minter.alg_name, |b| {
+            assert!(key.verify(minter.alg, message.as_bytes(), signature));
+            assert!(
+                jsonwebtoken::crypto::verify(signature, message.as_bytes(), &decoding, minter.alg).unwrap()
+            );
+            g.bench_function(format!("{} (parsed key)", minter.alg_name), |b| {
+                b.iter(|| key.verify(minter.alg, message.as_bytes(), black_box(signature)))
+            });
+            g.bench_function(format!("{} (jsonwebtoken::crypto::verify)", minter.alg_name), |b| {
                 b.iter(|| {
-                    jsonwebtoken::crypto::verify(black_box(signature), message.as_bytes(), key, minter.alg)
+                    jsonwebtoken::crypto::verify(
+                        black_box(signature),
+                        message.as_bytes(),
+                        &decoding,
+                        minter.alg,
+                    )
                 })
             });
         }

@@ -15,8 +15,6 @@ pub mod token_cache;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use jsonwebtoken::crypto;
-
 use crate::config::{Config, ConfigError, Forward, KeySource, TenantSources, TokenSettings};
 use crate::decision::{Decision, Identity, Outcome, Reason};
 use crate::directory::{Directory, Lookup};
@@ -725,9 +723,7 @@ async fn verify_signature(
                     key_step(issuer, Some(keys), kid, refetched, Status::Pass, summary)
                 });
                 for key in candidates.into_iter().take(MAX_KIDLESS_CANDIDATES) {
-                    if let Ok(true) =
-                        crypto::verify(jws.signature, jws.signing_input.as_bytes(), &key.key, alg)
-                    {
+                    if key.verify(alg, jws.signing_input.as_bytes(), jws.signature) {
                         note(&mut trace, || {
                             step("signature", Status::Pass, format!("valid {alg:?} signature"), Value::Null)
                         });

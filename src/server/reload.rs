@@ -160,8 +160,10 @@ impl Reloader {
 
     /// The folders to watch: those of the watched files, and those their symlinks resolve into
     /// (a file rewritten in place behind a symlink raises its events there).
+    /// Derived from the paths `refresh_targets` resolved at the last look.
     pub fn folders(&self) -> BTreeSet<PathBuf> {
-        with_targets(&self.files).iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect()
+        let paths = self.shared_files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        paths.iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect()
     }
 
     /// Loads the config again and swaps it in if it changed and is valid. `force` reloads even

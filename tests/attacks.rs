@@ -1450,6 +1450,56 @@ async fn check_requests_envoy_would_never_send_are_denied() {
 }
 
 #[tokio::test]
+async fn bytes_that_are_not_utf8_get_a_reason_where_subguard_reads_them_and_are_ignored_elsewhere() {
+    // Envoy passes header bytes through as they came, into protobuf strings. subguard reads only
+    // the headers, host and route tenant of a CheckRequest: invalid bytes there read as U+FFFD
+    // (so no tenant or token matches: a precise deny), and anywhere else they change nothing.
+    // A placeholder of the same length is swapped for invalid bytes in the encoded message.
+    use prost::Message;
+    const MARK: &str = "#not-utf8#"; // header names are lowercased
+    const BAD: &[u8] = b"\xff\xfe\xc3\x28\xa0\xa1\xe2\x28\xa1\xf0";
+    assert_eq!(MARK.len(), BAD.len());
+    let encode = |req: envoy_types::pb::envoy::service::auth::v3::CheckRequest| {
+        let bytes = req.encode_to_vec();
+        let at = bytes.windows(MARK.len()).position(|w| w == MARK.as_bytes()).expect("placeholder encoded");
+        [&bytes[..at], BAD, &bytes[at + MARK.len()..]].concat()
+    };
+    let token = acme("alice").build();
+    let mut client = shared().client().await;
+
+    let denied = [
+        (CheckCall::new().header("x-tenant-id", &format!("ac{MARK}me")).bearer(&token), "missing_tenant"),
+        (
+            CheckCall::new().tenant("acme").header("authorization", &format!("Bearer {token}{MARK}")),
+            "malformed_token",
+        ),
+        (
+            CheckCall::new().tenant("acme").header("authorization", &format!("Bearer {MARK}{token}")),
+            "malformed_token",
+        ),
+    ];
+    for (call, code) in denied {
+        let what = format!("{call:?}");
+        let out = client.send_encoded(encode(call.to_request())).await.expect("answered, not a gRPC error");
+        assert_denied(&out, code, &token, &what);
+    }
+
+    let valid = || CheckCall::new().tenant("acme").bearer(&token);
+    let mut in_path = valid().to_request();
+    in_path.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap().path =
+        format!("/{MARK}");
+    let allowed = [
+        ("a header subguard does not read", valid().header("user-agent", MARK).to_request()),
+        ("a header name", valid().header(&format!("x-{MARK}"), "1").to_request()),
+        ("the path", in_path),
+    ];
+    for (what, req) in allowed {
+        let out = client.send_encoded(encode(req)).await.expect("answered, not a gRPC error");
+        assert_allowed_as(&out, "acme", "acme-alice", &format!("invalid UTF-8 in {what}"));
+    }
+}
+
+#[tokio::test]
 async fn a_check_request_over_the_grpc_message_limit_is_refused_and_the_server_stays_up() {
     let mut client = shared().client().await;
     let huge = "x".repeat(5 << 20);

@@ -1,9 +1,11 @@
-//! The Envoy side of a check: reads a `CheckRequest` through [`EnvoyRequest`] (the pipeline's
-//! [`RequestView`]) and renders a [`Decision`] as a `CheckResponse` (SPEC §3, deny and allow
-//! responses, dynamic metadata). The only module that knows the protobuf types.
+//! The Envoy side of a check: the `Authorization` gRPC service, which reads a `CheckRequest`
+//! through [`EnvoyRequest`] (the pipeline's `RequestView`, in [`wire`]) and renders a
+//! [`Decision`] as a `CheckResponse` (SPEC §3, deny and allow responses, dynamic metadata).
+//! With [`wire`], the only module that knows the protobuf types.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -11,19 +13,17 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{
-    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
-};
+use envoy_types::pb::envoy::service::auth::v3::{CheckResponse, DeniedHttpResponse, OkHttpResponse};
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
+use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::State;
+use super::wire::{self, EnvoyRequest};
 use crate::check::{Policy, RequestView};
 use crate::config::OutageResponse;
 use crate::decision::{Decision, Outcome, Reason};
@@ -31,83 +31,14 @@ use crate::decision::{Decision, Outcome, Reason};
 /// The dynamic-metadata namespace Envoy files ext_authz metadata under.
 pub const METADATA_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 
-/// A request id longer than this is cut in the body and logs (it is client-controlled at the edge).
-const MAX_REQUEST_ID: usize = 128;
-
-/// A `CheckRequest` seen through [`RequestView`].
+/// The gRPC `Authorization` service: `envoy.service.auth.v3.Authorization/Check`.
 ///
-/// Envoy sends headers in `headers` (a map, repeated headers joined by commas) or, with
-/// `encode_raw_headers: true`, in `header_map` as raw bytes; both are read here, the raw form
-/// joined the same way so the pipeline sees one value per name either way.
-pub struct EnvoyRequest<'a> {
-    http: Option<&'a HttpRequest>,
-    raw: Option<HashMap<String, Cow<'a, str>>>,
-    route_tenant: Option<&'a str>,
-}
-
-impl<'a> EnvoyRequest<'a> {
-    pub fn new(req: &'a CheckRequest) -> Self {
-        let attrs = req.attributes.as_ref();
-        let http = attrs.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
-        let raw = http.filter(|h| h.headers.is_empty()).and_then(|h| h.header_map.as_ref()).map(|m| {
-            let mut map: HashMap<String, Cow<'a, str>> = HashMap::with_capacity(m.headers.len());
-            for hv in &m.headers {
-                let value = if hv.raw_value.is_empty() {
-                    Cow::Borrowed(hv.value.as_str())
-                } else {
-                    String::from_utf8_lossy(&hv.raw_value)
-                };
-                map.entry(hv.key.to_ascii_lowercase())
-                    .and_modify(|v| {
-                        let joined = format!("{v},{value}");
-                        *v = Cow::Owned(joined);
-                    })
-                    .or_insert(value);
-            }
-            map
-        });
-        let route_tenant = attrs.and_then(|a| a.context_extensions.get("tenant")).map(String::as_str);
-        EnvoyRequest { http, raw, route_tenant }
-    }
-
-    pub fn request_id(&self) -> Option<&str> {
-        self.header("x-request-id").map(|id| truncate(id, MAX_REQUEST_ID))
-    }
-}
-
-impl RequestView for EnvoyRequest<'_> {
-    fn header(&self, name: &str) -> Option<&str> {
-        match &self.raw {
-            Some(map) => map.get(name).map(|v| v.as_ref()),
-            None => self.http?.headers.get(name).map(String::as_str),
-        }
-    }
-
-    fn host(&self) -> Option<&str> {
-        self.http
-            .map(|h| h.host.as_str())
-            .filter(|h| !h.is_empty())
-            .or_else(|| self.header(":authority"))
-            .or_else(|| self.header("host"))
-    }
-
-    fn route_tenant(&self) -> Option<&str> {
-        self.route_tenant
-    }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-/// The gRPC `Authorization` service.
+/// Written out rather than generated (envoy-types' `AuthorizationServer`) for one reason: the
+/// request is decoded as [`wire::CheckRequest`], the part of Envoy's message a check reads,
+/// borrowing the header values from the message buffer. Everything else is tonic's
+/// [`tonic::server::Grpc`], as in generated code: framing, `grpc-timeout`, the 4 MiB message limit,
+/// status codes.
+#[derive(Clone)]
 pub struct AuthorizationService {
     state: Arc<State>,
 }
@@ -118,49 +49,90 @@ impl AuthorizationService {
     }
 }
 
+const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+impl tonic::server::NamedService for AuthorizationService {
+    const NAME: &'static str = "envoy.service.auth.v3.Authorization";
+}
+
+impl<B> Service<http::Request<B>> for AuthorizationService
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != CHECK_PATH {
+            // Another method of this service: UNIMPLEMENTED, as generated servers answer.
+            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+        }
+        let method = CheckMethod(self.state.clone());
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<CheckResponse, wire::CheckRequest>::default();
+            Ok(tonic::server::Grpc::new(codec).unary(method, req).await)
+        })
+    }
+}
+
+struct CheckMethod(Arc<State>);
+
+impl tonic::server::UnaryService<wire::CheckRequest> for CheckMethod {
+    type Response = CheckResponse;
+    type Future = BoxFuture<Response<CheckResponse>, Status>;
+
+    fn call(&mut self, request: Request<wire::CheckRequest>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move { check(&state, request.into_inner()).await.map(Response::new) })
+    }
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-#[tonic::async_trait]
-impl Authorization for AuthorizationService {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        let started = Instant::now();
-        let metrics = &self.state.metrics;
-        let policy = self.state.policy.load_full();
-        let Some(_slot) = Slot::take(&self.state.in_flight, policy.config.max_in_flight) else {
-            metrics.check_shed();
-            tracing::warn!(limit = policy.config.max_in_flight, "overloaded: check refused at once");
-            return Err(Status::resource_exhausted("subguard is overloaded: too many checks in flight"));
-        };
-        let _in_flight = metrics.check_started();
-        let req = request.into_inner();
-        let view = EnvoyRequest::new(&req);
-        let request_id = view.request_id();
-        // One span per check; it joins the caller's W3C trace when the request carries one, so
-        // every log line of the check (directory, keys) can be found by trace or request id.
-        let span = tracing::info_span!(
-            "check",
-            request_id = request_id.unwrap_or(""),
-            trace_id = view.header("traceparent").and_then(trace_id).unwrap_or(""),
-            tenant = tracing::field::Empty,
-            reason = tracing::field::Empty,
-        );
-        #[cfg(feature = "otel")]
-        crate::telemetry::otel::join_trace(&span, view.header("traceparent"));
-        let decision = policy.check(&view, unix_now()).instrument(span.clone()).await;
-        // The outcome joins the span for the check's own log line (and the exported trace). With
-        // JSON logs every `record` re-reads and re-writes the span's formatted fields, so it is
-        // skipped when that line is filtered out (allows at the default level): the span then has
-        // no reader left.
-        if cfg!(feature = "otel") || span.in_scope(|| crate::telemetry::check_logged(&decision)) {
-            span.record("tenant", decision.tenant.as_deref().unwrap_or(""));
-            span.record("reason", decision.reason_code());
-        }
-        let response = render(&decision, &policy, request_id);
-        span.in_scope(|| metrics.check_finished(&decision, request_id, started.elapsed()));
-        Ok(Response::new(response))
+/// One check: the decision for `req` and its `CheckResponse`.
+async fn check(state: &State, req: wire::CheckRequest) -> Result<CheckResponse, Status> {
+    let started = Instant::now();
+    let metrics = &state.metrics;
+    let policy = state.policy.load_full();
+    let Some(_slot) = Slot::take(&state.in_flight, policy.config.max_in_flight) else {
+        metrics.check_shed();
+        tracing::warn!(limit = policy.config.max_in_flight, "overloaded: check refused at once");
+        return Err(Status::resource_exhausted("subguard is overloaded: too many checks in flight"));
+    };
+    let _in_flight = metrics.check_started();
+    let view = EnvoyRequest::new(&req);
+    let request_id = view.request_id();
+    // One span per check; it joins the caller's W3C trace when the request carries one, so
+    // every log line of the check (directory, keys) can be found by trace or request id.
+    let span = tracing::info_span!(
+        "check",
+        request_id = request_id.unwrap_or(""),
+        trace_id = view.header("traceparent").and_then(trace_id).unwrap_or(""),
+        tenant = tracing::field::Empty,
+        reason = tracing::field::Empty,
+    );
+    #[cfg(feature = "otel")]
+    crate::telemetry::otel::join_trace(&span, view.header("traceparent"));
+    let decision = policy.check(&view, unix_now()).instrument(span.clone()).await;
+    // The outcome joins the span for the check's own log line (and the exported trace). With
+    // JSON logs every `record` re-reads and re-writes the span's formatted fields, so it is
+    // skipped when that line is filtered out (allows at the default level): the span then has
+    // no reader left.
+    if cfg!(feature = "otel") || span.in_scope(|| crate::telemetry::check_logged(&decision)) {
+        span.record("tenant", decision.tenant.as_deref().unwrap_or(""));
+        span.record("reason", decision.reason_code());
     }
+    let response = render(&decision, &policy, request_id);
+    span.in_scope(|| metrics.check_finished(&decision, request_id, started.elapsed()));
+    Ok(response)
 }
 
 /// One of the `max_in_flight_checks` places; given back when dropped (also on cancellation).

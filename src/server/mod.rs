@@ -7,13 +7,13 @@
 pub mod admin;
 pub mod grpc;
 pub mod reload;
+pub mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -116,7 +116,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let authz = AuthorizationServer::new(grpc::AuthorizationService::new(state.clone()));
+    let authz = grpc::AuthorizationService::new(state.clone());
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)

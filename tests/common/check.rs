@@ -294,6 +294,7 @@ fn flatten_value(key: &str, v: &PbValue, out: &mut HashMap<String, String>) {
 #[derive(Clone)]
 pub struct CheckClient {
     inner: AuthorizationClient<Channel>,
+    channel: Channel,
 }
 
 impl CheckClient {
@@ -303,7 +304,7 @@ impl CheckClient {
             .connect()
             .await
             .unwrap_or_else(|e| panic!("connecting to subguard at {addr}: {e}"));
-        CheckClient { inner: AuthorizationClient::new(channel) }
+        CheckClient { inner: AuthorizationClient::new(channel.clone()), channel }
     }
 
     pub async fn connect_unix(path: &Path) -> Self {
@@ -312,7 +313,7 @@ impl CheckClient {
             .connect_with_connector(UnixConnector(path.to_path_buf()))
             .await
             .unwrap_or_else(|e| panic!("connecting to subguard at unix://{}: {e}", path.display()));
-        CheckClient { inner: AuthorizationClient::new(channel) }
+        CheckClient { inner: AuthorizationClient::new(channel.clone()), channel }
     }
 
     pub fn channel_client(&self) -> AuthorizationClient<Channel> {
@@ -332,6 +333,19 @@ impl CheckClient {
 
     pub async fn send(&mut self, request: CheckRequest) -> Result<Outcome, tonic::Status> {
         let response = self.inner.check(request).await?;
+        Ok(Outcome::from_response(response.into_inner()))
+    }
+
+    /// Sends `message` as the encoded `CheckRequest` as it is: bytes no `CheckRequest` value can
+    /// hold (strings that are not UTF-8) reach subguard as Envoy could send them.
+    #[allow(dead_code)]
+    pub async fn send_encoded(&mut self, message: Vec<u8>) -> Result<Outcome, tonic::Status> {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/envoy.service.auth.v3.Authorization/Check",
+        );
+        let response = grpc.unary(tonic::Request::new(message), path, EncodedCodec).await?;
         Ok(Outcome::from_response(response.into_inner()))
     }
 
@@ -364,6 +378,35 @@ fn build(headers: &[(&str, &str)], host: &str, context: &[(&str, &str)], raw: bo
         call = call.context(k, v);
     }
     call
+}
+
+/// Sends bytes already encoded; reads a `CheckResponse`.
+#[derive(Clone, Copy, Default)]
+struct EncodedCodec;
+
+impl tonic::codec::Codec for EncodedCodec {
+    type Encode = Vec<u8>;
+    type Decode = CheckResponse;
+    type Encoder = EncodedCodec;
+    type Decoder = <tonic_prost::ProstCodec<CheckResponse, CheckResponse> as tonic::codec::Codec>::Decoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic::codec::Codec::decoder(&mut tonic_prost::ProstCodec::<CheckResponse, CheckResponse>::default())
+    }
+}
+
+impl tonic::codec::Encoder for EncodedCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
 }
 
 /// Dials a Unix socket for tonic (the URI is ignored).

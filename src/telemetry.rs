@@ -3,6 +3,8 @@
 
 use tracing_subscriber::EnvFilter;
 
+mod span_fields;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Json,
@@ -48,6 +50,7 @@ pub fn init(format: LogFormat, tracing_settings: Option<&crate::config::TracingS
                     .json()
                     .with_current_span(true)
                     .with_span_list(false)
+                    .fmt_fields(span_fields::JsonSpanFields)
                     .with_writer(std::io::stdout),
             ),
             None,

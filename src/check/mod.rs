@@ -332,7 +332,10 @@ impl Policy {
         let facts = match cached.flatten() {
             Some(cached) => cached,
             None => {
-                let facts = Arc::new(self.verify_token(tenant, raw, d, trace.as_deref_mut()).await?);
+                // Boxed: the cold path's future (signature, key re-fetch over HTTP) is kilobytes, and
+                // every check would otherwise carry, move and copy that space.
+                let facts =
+                    Arc::new(Box::pin(self.verify_token(tenant, raw, d, trace.as_deref_mut())).await?);
                 if let Some(cache) = self.token_cache.as_ref().filter(|_| !traced) {
                     cache.insert(&tenant.name, raw, &facts, now, self.token.leeway_seconds);
                 }
@@ -500,7 +503,7 @@ impl Policy {
             }
         }
         if let (Some(r), Some(jti)) = (&self.revocation, claims.jti.as_deref()) {
-            match r.jti_status(jti).await {
+            match Box::pin(r.jti_status(jti)).await {
                 JtiStatus::Revoked => {
                     d.detail = Some("the token's jti is on the fleet's revoked list".into());
                     note(&mut trace, || {

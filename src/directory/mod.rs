@@ -80,8 +80,10 @@ impl Backend {
     async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, FetchError> {
         match self {
             Backend::File(f) => Ok(f.lookup(tenant, sub)),
-            Backend::Http(h) => h.fetch(tenant, sub).await,
-            Backend::Scim(s) => s.fetch(tenant, sub).await,
+            // Boxed: an HTTP request's future is kilobytes, which the file directory's lookups
+            // would otherwise carry and copy on every check.
+            Backend::Http(h) => Box::pin(h.fetch(tenant, sub)).await,
+            Backend::Scim(s) => Box::pin(s.fetch(tenant, sub)).await,
         }
     }
 }
@@ -166,7 +168,8 @@ impl Directory {
             },
             Some(cache) => {
                 let key = (tenant.clone(), Arc::from(sub.as_ref()));
-                let (result, served) = cache.get_or_load(key, self.guarded_fetch(tenant, &sub)).await;
+                let (result, served) =
+                    Box::pin(cache.get_or_load(key, self.guarded_fetch(tenant, &sub))).await;
                 Answer { result, served }
             }
         };

@@ -97,13 +97,13 @@ clean:
 	rm -rf fuzz/target fuzz/work
 
 # Coverage-guided fuzzing of the hostile-input front ends (fuzz/, SECURITY.md): the token parser,
-# tenant extraction, config loading and the users file. cargo-fuzz drives libFuzzer; with `-s none`
-# it needs only stable rustc options (no nightly toolchain). `make fuzz` builds the targets optimised
+# tenant extraction, config loading, the users file and the CheckRequest decoder. cargo-fuzz drives
+# libFuzzer; with `-s none` it needs only stable rustc options (no nightly toolchain). `make fuzz` builds the targets optimised
 # with debug assertions and overflow checks (-O -a); `make fuzz-smoke` (in `make test`) only proves
 # every target builds and survives its seeds for a few seconds, so it takes the cheaper unoptimised
 # build (--dev: about half the compile time of -O on a 2-core machine). A run grows fuzz/work/<target> (git-ignored) from the
 # seeds in fuzz/corpus/<target>; a crash fails it and leaves the input in fuzz/artifacts/<target>.
-FUZZ_TARGETS := token tenant config users_file
+FUZZ_TARGETS := token tenant config users_file check_request
 FUZZ_SECONDS ?= 300
 FUZZ_SMOKE_SECONDS ?= 4
 CARGO_FUZZ_VERSION := 0.13.2

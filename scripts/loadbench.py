@@ -864,7 +864,8 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
       "comparable, absolute requests/s are not comparable with another machine or run.\n")
     w(f"Command: `{shlex.join(argv)}`  \n"
       f"Rounds: {args.rounds} × {args.seconds:g} s per listener for saturation and cold, wrk `-t {args.threads} -c {args.connections}`; "
-      f"{args.rate_rounds} × {args.rate_seconds:g} s per listener for latency, wrk `-t 1 -c {args.rate_connections}` paced to {args.rate} req/s.\n")
+      f"{args.rate_rounds} × {args.rate_seconds:g} s per listener for latency, wrk `-t 1 -c {args.rate_connections}` paced to {args.rate} req/s; "
+      f"{args.paired_rounds} × {args.paired_seconds:g} s for the paired pass.\n")
     w("## Machine\n")
     w("| | |\n|---|---|")
     for k, v in info:

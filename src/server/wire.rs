@@ -18,6 +18,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::collections::hash_map;
 
 use prost::bytes::Bytes;
 
@@ -151,9 +152,18 @@ fn raw_headers(map: &HeaderMap) -> HashMap<String, Cow<'_, str>> {
     let mut out: HashMap<String, Cow<'_, str>> = HashMap::with_capacity(map.headers.len());
     for hv in &map.headers {
         let value = text(if hv.raw_value.is_empty() { &hv.value } else { &hv.raw_value });
-        out.entry(text(&hv.key).to_ascii_lowercase())
-            .and_modify(|v| *v = Cow::Owned(format!("{v},{value}")))
-            .or_insert(value);
+        match out.entry(text(&hv.key).to_ascii_lowercase()) {
+            // Appended in place: a name sent many times costs the bytes it brings, not a copy
+            // of all joined so far for each entry.
+            hash_map::Entry::Occupied(mut joined) => {
+                let joined = joined.get_mut().to_mut();
+                joined.push(',');
+                joined.push_str(&value);
+            }
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert(value);
+            }
+        }
     }
     out
 }

@@ -104,6 +104,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let state = State::new(policy, metrics, registry);
     state.start_revocation();
 
+    // Before any listener: its watches and SIGHUP handler are in place before anything can
+    // report ready, so no change made after that is missed.
+    let reloader = reload::spawn(state.clone(), config_path);
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;
     health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
@@ -189,8 +193,6 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             }
         })
     };
-
-    let reloader = reload::spawn(state.clone(), config_path);
 
     shutdown.await;
     reloader.abort();

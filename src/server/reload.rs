@@ -232,55 +232,39 @@ impl Reloader {
 }
 
 /// Runs the reloader until the process ends: file events (debounced) and SIGHUP.
+///
+/// The watches and the SIGHUP handler are in place when this returns, so a change made once the
+/// sidecar reports ready is never missed (the server calls this before its listeners say ready).
 pub fn spawn(state: Arc<State>, config_path: PathBuf) -> tokio::task::JoinHandle<()> {
+    let mut reloader = Reloader::new(state, config_path);
+    let files = reloader.shared_files();
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        // A poisoned lock cannot happen (nothing panics while holding it); if it did, count
+        // the event: a needless check for changes beats a missed one.
+        let counts = files.lock().map(|f| relevant(&event, &f)).unwrap_or(true);
+        if counts {
+            let _ = tx.try_send(());
+        }
+    }) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch config files; reload with SIGHUP");
+            None
+        }
+    };
+    let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            None
+        }
+    };
+    watch_folders(watcher.as_mut(), &reloader, &mut watched);
     tokio::spawn(async move {
-        let mut reloader = Reloader::new(state, config_path);
-        let files = reloader.shared_files();
-        let (tx, mut rx) = mpsc::channel::<()>(1);
-        let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let Ok(event) = res else { return };
-            // A poisoned lock cannot happen (nothing panics while holding it); if it did, count
-            // the event: a needless check for changes beats a missed one.
-            let counts = files.lock().map(|f| relevant(&event, &f)).unwrap_or(true);
-            if counts {
-                let _ = tx.try_send(());
-            }
-        }) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch config files; reload with SIGHUP");
-                None
-            }
-        };
-        let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP");
-                None
-            }
-        };
         loop {
-            if let Some(w) = watcher.as_mut() {
-                let wanted = reloader.folders();
-                for gone in watched.difference(&wanted).cloned().collect::<Vec<_>>() {
-                    // A folder that no longer exists (an old ConfigMap version) is unwatched already.
-                    let _ = w.unwatch(&gone);
-                    watched.remove(&gone);
-                }
-                for folder in wanted {
-                    if !watched.contains(&folder) {
-                        match w.watch(&folder, RecursiveMode::NonRecursive) {
-                            Ok(()) => {
-                                watched.insert(folder);
-                            }
-                            Err(e) => {
-                                tracing::warn!(folder = %folder.display(), error = %e, "cannot watch folder")
-                            }
-                        }
-                    }
-                }
-            }
             let (trigger, force) = tokio::select! {
                 Some(()) = rx.recv() => {
                     // Let a burst of events (an editor's save, a ConfigMap swap) settle.
@@ -293,8 +277,36 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf) -> tokio::task::JoinHandle
                 }
             };
             let _ = reloader.reload(trigger, force).await;
+            watch_folders(watcher.as_mut(), &reloader, &mut watched);
         }
     })
+}
+
+/// Watches the folders of the files the reloader reads now, and no others.
+fn watch_folders(
+    watcher: Option<&mut notify::RecommendedWatcher>,
+    reloader: &Reloader,
+    watched: &mut BTreeSet<PathBuf>,
+) {
+    let Some(w) = watcher else { return };
+    let wanted = reloader.folders();
+    for gone in watched.difference(&wanted).cloned().collect::<Vec<_>>() {
+        // A folder that no longer exists (an old ConfigMap version) is unwatched already.
+        let _ = w.unwatch(&gone);
+        watched.remove(&gone);
+    }
+    for folder in wanted {
+        if !watched.contains(&folder) {
+            match w.watch(&folder, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(folder);
+                }
+                Err(e) => {
+                    tracing::warn!(folder = %folder.display(), error = %e, "cannot watch folder")
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -104,7 +104,6 @@ AUTH_SERVER = {"floor": "floor", "floor_uds": "floor_uds", "floor_b": "floor_b",
                "sg_uds": "sg_uds"}  # listener -> process
 # The paired pass loads these at the same time; floor_b is a second floor over TCP, the control.
 PAIRED = ["floor", "floor_b", "sg_tcp", "floor_uds", "sg_uds"]
-PAIRED_BASE = {"floor_b": "floor", "sg_tcp": "floor", "floor_uds": "floor", "sg_uds": "floor_uds"}
 FLOOR_OF = {"sg_tcp": "floor", "sg_uds": "floor_uds"}  # subguard listener -> the floor on its transport
 
 
@@ -534,32 +533,23 @@ def wait_ready(procs: Processes, name: str, port: int, path: str, timeout: float
     raise SetupError(f"{name} not ready after {timeout:.0f}s:\n{procs.tail(name)}")
 
 
-def wait_grpc_port(procs: Processes, name: str, port: int, timeout: float = 30.0) -> None:
+def wait_listening(procs: Processes, name: str, address: int | pathlib.Path, timeout: float = 30.0) -> None:
+    """Waits until `name` accepts connections on `address`: a port on HOST, or a Unix socket's path."""
+    where = f"{HOST}:{address}" if isinstance(address, int) else str(address)
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if procs.started[name].poll() is not None:
             raise SetupError(f"{name} exited:\n{procs.tail(name)}")
         try:
-            socket.create_connection((HOST, port), timeout=1).close()
+            if isinstance(address, int):
+                socket.create_connection((HOST, address), timeout=1).close()
+            else:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.connect(str(address))
             return
         except OSError:
             time.sleep(0.02)
-    raise SetupError(f"{name} does not listen on {HOST}:{port} after {timeout:.0f}s")
-
-
-def wait_socket(procs: Processes, name: str, path: pathlib.Path, timeout: float = 30.0) -> None:
-    """Waits until `name` accepts connections on the Unix socket `path`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if procs.started[name].poll() is not None:
-            raise SetupError(f"{name} exited:\n{procs.tail(name)}")
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.connect(str(path))
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SetupError(f"{name} did not listen on {path} within {timeout:.0f}s")
+    raise SetupError(f"{name} does not listen on {where} after {timeout:.0f}s")
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -941,7 +931,7 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
     paired_cpu = {l: {r.round: r.cpu_per_request_us("auth") for r in by("paired", l)} for l in PAIRED}
     paired_vs: dict[str, list[float]] = {}
     for l in PAIRED:
-        base = PAIRED_BASE.get(l)
+        base = None if l == "floor" else FLOOR_OF.get(l, "floor")  # as in the rate table
         ratios = [c / paired_cpu[base][rnd] for rnd, c in paired_cpu[l].items()
                   if base and c and paired_cpu[base].get(rnd)]
         paired_vs[l] = ratios
@@ -1104,12 +1094,12 @@ def main_run(args: argparse.Namespace) -> int:
                            "ready_ms": f"{ready * 1000:.0f} ms", "idle": rss_mib(proc_status(proc.pid)["VmRSS"]),
                            "pid": proc.pid})
         procs.start("floor", [str(floor), str(ports.floor_grpc)])
-        wait_grpc_port(procs, "floor", ports.floor_grpc)
+        wait_listening(procs, "floor", ports.floor_grpc)
         floor_uds.unlink(missing_ok=True)
         procs.start("floor_uds", [str(floor), f"unix:{floor_uds}"])
-        wait_socket(procs, "floor_uds", floor_uds)
+        wait_listening(procs, "floor_uds", floor_uds)
         procs.start("floor_b", [str(floor), str(ports.floor_b_grpc)])
-        wait_grpc_port(procs, "floor_b", ports.floor_b_grpc)
+        wait_listening(procs, "floor_b", ports.floor_b_grpc)
         procs.start("envoy", [str(envoy), "-c", str(WORK / "envoy.json"), "--concurrency", "1",
                               "--disable-hot-restart", "--log-level", "warn"])
         wait_ready(procs, "envoy", ports.envoy_admin, "/ready")

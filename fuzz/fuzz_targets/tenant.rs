@@ -58,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
     match resolve(&found) {
         Ok(t) => {
             assert!(label(&t));
-            assert!(Some(&t) == header.as_ref() || Some(&t) == from_host.as_ref());
+            assert!(Some(t) == header.as_deref() || Some(t) == from_host.as_deref());
             if let (Some(h), Some(o)) = (&header, &from_host) {
                 assert_eq!(h, o, "two different tenants resolved to {t:?}");
             }

@@ -23,7 +23,7 @@ use crate::revocation::{JtiStatus, Revocation};
 use crate::telemetry::Metrics;
 use explain::{Status, Trace, note, step};
 use serde_json::{Value, json};
-use tenant::Source;
+use tenant::{Candidate, Candidates, Source};
 use token_cache::{TokenCache, TokenFacts};
 
 /// A token without `kid` tries at most this many fitting keys, so a large JWKS cannot turn one
@@ -232,22 +232,22 @@ impl Policy {
     }
 
     /// The configured tenant the sources agree on (see [`Policy::tenant_candidates`]).
-    pub fn resolve_tenant(&self, found: &[(Source, Option<String>)]) -> Result<Arc<Tenant>, Reason> {
+    pub fn resolve_tenant(&self, found: &[Candidate<'_>]) -> Result<Arc<Tenant>, Reason> {
         let name = tenant::resolve(found)?;
-        self.tenants.get(&name).cloned().ok_or(Reason::UnknownTenant)
+        self.tenants.get(name).cloned().ok_or(Reason::UnknownTenant)
     }
 
     /// What each tenant source says, normalised (`None`: absent or not a DNS label).
-    pub fn tenant_candidates(&self, req: &impl RequestView) -> Vec<(Source, Option<String>)> {
-        let mut found = Vec::with_capacity(3);
+    pub fn tenant_candidates<'r>(&self, req: &'r impl RequestView) -> Candidates<'r> {
+        let mut found = Candidates::new();
         if let Some(h) = &self.tenant_sources.header {
-            found.push((Source::Header, req.header(h).and_then(tenant::normalize)));
+            found.push(Source::Header, req.header(h).and_then(tenant::normalize));
         }
         if let Some(p) = &self.tenant_sources.host {
-            found.push((Source::Host, req.host().and_then(|h| p.tenant(h))));
+            found.push(Source::Host, req.host().and_then(|h| p.tenant(h)));
         }
         if let Some(r) = req.route_tenant() {
-            found.push((Source::Route, tenant::normalize(r)));
+            found.push(Source::Route, tenant::normalize(r));
         }
         found
     }
@@ -785,7 +785,7 @@ async fn verify_signature(
 
 /// What each tenant source said, and which tenant they gave.
 fn tenant_step(
-    found: &[(Source, Option<String>)],
+    found: &[Candidate<'_>],
     resolved: &Result<Arc<Tenant>, Reason>,
     policy: &Policy,
 ) -> explain::Step {

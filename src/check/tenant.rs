@@ -4,6 +4,8 @@
 //! Values are lowercased and must be DNS labels; anything else counts as no tenant from that
 //! source. Envoy joins a repeated header with commas, so a repeated tenant header is never a label.
 
+use std::borrow::Cow;
+
 use crate::decision::Reason;
 
 /// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?` — checked on already-lowercased input.
@@ -17,10 +19,14 @@ pub fn is_dns_label(s: &str) -> bool {
         && b.iter().all(|c| ok(c) || *c == b'-')
 }
 
-/// A lowercased tenant label, or `None` if the value is not a DNS label.
-pub fn normalize(value: &str) -> Option<String> {
+/// A lowercased tenant label, or `None` if the value is not a DNS label. Borrowed when the value
+/// is lowercase already, as it nearly always is.
+pub fn normalize(value: &str) -> Option<Cow<'_, str>> {
+    if !value.bytes().any(|b| b.is_ascii_uppercase()) {
+        return is_dns_label(value).then_some(Cow::Borrowed(value));
+    }
     let v = value.to_ascii_lowercase();
-    is_dns_label(&v).then_some(v)
+    is_dns_label(&v).then_some(Cow::Owned(v))
 }
 
 /// A compiled `tenant.host` pattern such as `{tenant}.api.example.com`.
@@ -55,7 +61,7 @@ impl HostPattern {
     }
 
     /// The tenant named by `host` (an `:authority` value: port, case and a trailing dot ignored).
-    pub fn tenant(&self, host: &str) -> Option<String> {
+    pub fn tenant<'h>(&self, host: &'h str) -> Option<Cow<'h, str>> {
         let host = strip_port(host)?;
         let host = host.strip_suffix('.').unwrap_or(host);
         if host.len() < self.prefix.len() + self.suffix.len() {
@@ -100,9 +106,46 @@ impl Source {
     }
 }
 
+/// What one source said: the normalised tenant, or `None` (absent or not a DNS label).
+pub type Candidate<'a> = (Source, Option<Cow<'a, str>>);
+
+/// What each configured source said, at most one per source, kept inline.
+pub struct Candidates<'a> {
+    items: [Candidate<'a>; 3],
+    len: usize,
+}
+
+impl<'a> Candidates<'a> {
+    pub fn new() -> Self {
+        Candidates { items: [(Source::Header, None), (Source::Host, None), (Source::Route, None)], len: 0 }
+    }
+
+    pub fn push(&mut self, source: Source, tenant: Option<Cow<'a, str>>) {
+        // One entry per source, and there are three sources.
+        if let Some(slot) = self.items.get_mut(self.len) {
+            *slot = (source, tenant);
+            self.len += 1;
+        }
+    }
+}
+
+impl Default for Candidates<'_> {
+    fn default() -> Self {
+        Candidates::new()
+    }
+}
+
+impl<'a> std::ops::Deref for Candidates<'a> {
+    type Target = [Candidate<'a>];
+
+    fn deref(&self) -> &[Candidate<'a>] {
+        &self.items[..self.len]
+    }
+}
+
 /// Combines what each source found: all present must name the same tenant.
-pub fn resolve(found: &[(Source, Option<String>)]) -> Result<String, Reason> {
-    let mut tenant: Option<&String> = None;
+pub fn resolve<'f>(found: &'f [Candidate<'_>]) -> Result<&'f str, Reason> {
+    let mut tenant: Option<&str> = None;
     for (_, t) in found {
         if let Some(t) = t {
             match tenant {
@@ -112,7 +155,7 @@ pub fn resolve(found: &[(Source, Option<String>)]) -> Result<String, Reason> {
             }
         }
     }
-    tenant.cloned().ok_or(Reason::MissingTenant)
+    tenant.ok_or(Reason::MissingTenant)
 }
 
 #[cfg(test)]
@@ -132,6 +175,8 @@ mod tests {
     #[test]
     fn header_values_are_lowercased_and_validated() {
         assert_eq!(normalize("ACME").as_deref(), Some("acme"));
+        assert!(matches!(normalize("acme"), Some(Cow::Borrowed("acme"))));
+        assert_eq!(normalize("AC ME"), None);
         assert_eq!(normalize("acme,acme"), None);
         assert_eq!(normalize(" acme"), None);
         assert_eq!(normalize("../acme"), None);
@@ -167,7 +212,8 @@ mod tests {
     #[test]
     fn sources_must_agree() {
         let s = |h: Option<&str>, o: Option<&str>| {
-            resolve(&[(Source::Header, h.map(String::from)), (Source::Host, o.map(String::from))])
+            resolve(&[(Source::Header, h.map(Cow::Borrowed)), (Source::Host, o.map(Cow::Borrowed))])
+                .map(str::to_string)
         };
         assert_eq!(s(Some("acme"), None), Ok("acme".into()));
         assert_eq!(s(None, Some("acme")), Ok("acme".into()));

@@ -67,7 +67,7 @@ impl Tenant {
 pub struct Policy {
     pub tenant_sources: TenantSources,
     pub token: TokenSettings,
-    pub forward: Forward,
+    pub forward: Arc<Forward>,
     pub tenants: HashMap<String, Arc<Tenant>>,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
@@ -151,7 +151,7 @@ impl Policy {
             revocation,
             tenant_sources: config.tenant_sources.clone(),
             token: config.token,
-            forward: config.forward.clone(),
+            forward: Arc::new(config.forward.clone()),
             tenants,
             token_cache: TokenCache::new(config.token.cache_max_entries),
             config: Arc::new(config),

@@ -1,32 +1,26 @@
 //! The Envoy side of a check: the `Authorization` gRPC service, which reads a `CheckRequest`
-//! through [`EnvoyRequest`] (the pipeline's `RequestView`, in [`wire`]) and renders a
-//! [`Decision`] as a `CheckResponse` (SPEC §3, deny and allow responses, dynamic metadata).
-//! With [`wire`], the only module that knows the protobuf types.
+//! through [`EnvoyRequest`] (the pipeline's `RequestView`, in [`wire`]) and answers with a
+//! [`Decision`] as a `CheckResponse` (SPEC §3, deny and allow responses, dynamic metadata), which
+//! [`Answer`] writes. With [`wire`] and [`super::answer`], the only modules that know the
+//! protobuf types.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use envoy_types::pb::envoy::config::core::v3::{
-    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
-};
-use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{CheckResponse, DeniedHttpResponse, OkHttpResponse};
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use envoy_types::pb::google::rpc;
+use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
+use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::State;
+use super::answer::Answer;
 use super::wire::{self, EnvoyRequest};
 use crate::check::{Policy, RequestView};
-use crate::config::OutageResponse;
-use crate::decision::{Decision, Outcome, Reason};
+use crate::decision::{Decision, Reason};
 
 /// The dynamic-metadata namespace Envoy files ext_authz metadata under.
 pub const METADATA_NAMESPACE: &str = "envoy.filters.http.ext_authz";
@@ -74,18 +68,47 @@ where
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
         }
         let method = CheckMethod(self.state.clone());
-        Box::pin(async move {
-            let codec = tonic_prost::ProstCodec::<CheckResponse, wire::CheckRequest>::default();
-            Ok(tonic::server::Grpc::new(codec).unary(method, req).await)
-        })
+        Box::pin(async move { Ok(tonic::server::Grpc::new(CheckCodec).unary(method, req).await) })
+    }
+}
+
+/// `Check`'s codec: requests decoded as [`wire::CheckRequest`] by prost, answers written by
+/// [`Answer`] itself.
+struct CheckCodec;
+
+impl Codec for CheckCodec {
+    type Encode = Answer;
+    type Decode = wire::CheckRequest;
+    type Encoder = AnswerEncoder;
+    type Decoder = tonic_prost::ProstDecoder<wire::CheckRequest>;
+
+    fn encoder(&mut self) -> AnswerEncoder {
+        AnswerEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(BufferSettings::default())
+    }
+}
+
+struct AnswerEncoder;
+
+impl Encoder for AnswerEncoder {
+    type Item = Answer;
+    type Error = Status;
+
+    fn encode(&mut self, answer: Answer, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(answer.encoded_len());
+        answer.encode(dst);
+        Ok(())
     }
 }
 
 struct CheckMethod(Arc<State>);
 
 impl tonic::server::UnaryService<wire::CheckRequest> for CheckMethod {
-    type Response = CheckResponse;
-    type Future = BoxFuture<Response<CheckResponse>, Status>;
+    type Response = Answer;
+    type Future = BoxFuture<Response<Answer>, Status>;
 
     fn call(&mut self, request: Request<wire::CheckRequest>) -> Self::Future {
         let state = self.0.clone();
@@ -98,7 +121,7 @@ pub fn unix_now() -> i64 {
 }
 
 /// One check: the decision for `req` and its `CheckResponse`.
-async fn check(state: &State, req: wire::CheckRequest) -> Result<CheckResponse, Status> {
+async fn check(state: &State, req: wire::CheckRequest) -> Result<Answer, Status> {
     let started = Instant::now();
     let metrics = &state.metrics;
     let policy = state.policy.load_full();
@@ -130,9 +153,8 @@ async fn check(state: &State, req: wire::CheckRequest) -> Result<CheckResponse, 
         span.record("tenant", decision.tenant.as_deref().unwrap_or(""));
         span.record("reason", decision.reason_code());
     }
-    let response = render(&decision, &policy, request_id);
     span.in_scope(|| metrics.check_finished(&decision, request_id, started.elapsed()));
-    Ok(response)
+    Ok(Answer::new(decision, &policy, request_id))
 }
 
 /// One of the `max_in_flight_checks` places; given back when dropped (also on cancellation).
@@ -172,34 +194,6 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
     valid.then_some(trace)
 }
 
-fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
-    HeaderValueOption {
-        header: Some(HeaderValue { key: key.to_string(), value: value.into(), raw_value: Vec::new() }),
-        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-        ..Default::default()
-    }
-}
-
-fn string_value(s: &str) -> Value {
-    Value { kind: Some(Kind::StringValue(s.to_string())) }
-}
-
-/// The dynamic metadata Envoy's access log reads: decision, reason, and what is known of tenant,
-/// sub and issuer.
-pub fn metadata(d: &Decision) -> Struct {
-    let mut fields = HashMap::with_capacity(5);
-    fields.insert("decision".to_string(), string_value(if d.is_allow() { "allow" } else { "deny" }));
-    fields.insert("reason".to_string(), string_value(d.reason_code()));
-    for (k, v) in
-        [("tenant", d.tenant.as_deref()), ("sub", d.sub.as_deref()), ("issuer", d.issuer.as_deref())]
-    {
-        if let Some(v) = v {
-            fields.insert(k.to_string(), string_value(&printable(v)));
-        }
-    }
-    Struct { fields }
-}
-
 /// `s` with control characters written as `\u000a` escapes. A signed token's `sub` is still text
 /// its holder may have chosen; Envoy's text access log prints metadata as is, so a raw newline
 /// there would let it forge log lines.
@@ -216,18 +210,6 @@ pub fn printable(s: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
-}
-
-/// google.rpc codes, so gRPC-level tooling sees a meaningful status too (Envoy only cares OK or not).
-fn rpc_code(reason: Reason) -> i32 {
-    match reason.http_status() {
-        400 => 3,  // INVALID_ARGUMENT
-        401 => 16, // UNAUTHENTICATED
-        404 => 5,  // NOT_FOUND
-        503 => 14, // UNAVAILABLE
-        500 => 13, // INTERNAL
-        _ => 7,    // PERMISSION_DENIED
-    }
 }
 
 /// The body of a deny: `{"code","message","tenant","request_id"}`. Never contains the token.
@@ -265,57 +247,9 @@ pub fn deny_headers(reason: Reason, tenant: Option<&str>) -> Vec<(&'static str, 
     h
 }
 
-/// Renders a decision as Envoy's `CheckResponse`.
+/// A decision as the `CheckResponse` Envoy receives (decoded from the bytes the server writes).
 pub fn render(d: &Decision, policy: &Policy, request_id: Option<&str>) -> CheckResponse {
-    let dynamic_metadata = Some(metadata(d));
-    match &d.outcome {
-        Outcome::Allow(identity) => {
-            let f = &policy.forward;
-            let tenant = d.tenant.as_deref().unwrap_or("");
-            // Set headers overwrite whatever the client sent under those names.
-            let mut headers =
-                vec![header(&f.tenant_header, tenant), header(&f.user_header, &*identity.user_id)];
-            let mut headers_to_remove = Vec::new();
-            match &identity.roles {
-                Some(roles) => headers.push(header(&f.roles_header, &**roles)),
-                None => headers_to_remove.push(f.roles_header.clone()),
-            }
-            if f.strip_authorization {
-                headers_to_remove.push("authorization".to_string());
-            }
-            CheckResponse {
-                status: Some(rpc::Status { code: 0, ..Default::default() }),
-                http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                    headers,
-                    headers_to_remove,
-                    ..Default::default()
-                })),
-                dynamic_metadata,
-            }
-        }
-        Outcome::Deny(reason) => {
-            let tenant = d.tenant.as_deref();
-            let denied = DeniedHttpResponse {
-                status: Some(HttpStatus { code: i32::from(reason.http_status()) }),
-                headers: deny_headers(*reason, tenant).into_iter().map(|(k, v)| header(k, v)).collect(),
-                body: deny_body(*reason, tenant, request_id),
-            };
-            let as_error = reason.is_outage() && policy.config.outage_response == OutageResponse::Error;
-            CheckResponse {
-                status: Some(rpc::Status {
-                    code: rpc_code(*reason),
-                    message: reason.code().to_string(),
-                    ..Default::default()
-                }),
-                http_response: Some(if as_error {
-                    HttpResponse::ErrorResponse(denied)
-                } else {
-                    HttpResponse::DeniedResponse(denied)
-                }),
-                dynamic_metadata,
-            }
-        }
-    }
+    Answer::new(d.clone(), policy, request_id).to_message().unwrap_or_default()
 }
 
 #[cfg(test)]

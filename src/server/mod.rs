@@ -5,6 +5,7 @@
 //! accepting, in-flight checks finish within `shutdown_grace_seconds`, then `serve` returns.
 
 pub mod admin;
+pub mod answer;
 pub mod grpc;
 pub mod reload;
 pub mod wire;

@@ -1048,6 +1048,34 @@ async fn grpc_health_serving_once_ready() {
     }
 }
 
+#[tokio::test]
+async fn other_grpc_methods_and_services_are_unimplemented() {
+    let sg = shared();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sg.grpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for path in [
+        "/envoy.service.auth.v3.Authorization/CheckStream",
+        "/envoy.service.auth.v2.Authorization/Check",
+        "/grpc.health.v1.Health/List2",
+        "/no.such.Service/Check",
+        "/Check",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<(), ()>::default();
+        let path_and_query = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+        let status = grpc.unary(tonic::Request::new(()), path_and_query, codec).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unimplemented, "{path}: {status:?}");
+    }
+    // Checks are still answered afterwards.
+    let mut client = sg.client().await;
+    let out = client.call(&CheckCall::new().tenant("acme").bearer(&acme_rs256().build())).await;
+    assert_allowed(&out);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios with their own subguard.
 

@@ -104,6 +104,58 @@ impl Encoder for AnswerEncoder {
     }
 }
 
+/// The gRPC listener's services: `Authorization` and `grpc.health.v1.Health`, told apart by the
+/// path's service name; any other path is `UNIMPLEMENTED`, as tonic's router answers.
+///
+/// tonic's router (`Server::add_service`) is an axum router: per request it matches a path
+/// pattern, stores the captured parameters in the request's extensions and boxes the service
+/// again, ten allocations a check does not need for two fixed service names.
+#[derive(Clone)]
+pub struct Routes<H> {
+    authz: AuthorizationService,
+    health: H,
+}
+
+impl<H> Routes<H> {
+    pub fn new(authz: AuthorizationService, health: H) -> Self {
+        Routes { authz, health }
+    }
+}
+
+/// `/<service>/` of a path `/<service>/<method>`, if the path has that shape.
+fn service_of(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix('/')?;
+    let end = rest.find('/')?;
+    Some(&rest[..end])
+}
+
+impl<H> Service<http::Request<tonic::body::Body>> for Routes<H>
+where
+    H: Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+            Future = BoxFuture<http::Response<tonic::body::Body>, Infallible>,
+        > + tonic::server::NamedService,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        use tonic::server::NamedService;
+        match service_of(req.uri().path()) {
+            Some(AuthorizationService::NAME) => self.authz.call(req),
+            Some(name) if name == H::NAME => self.health.call(req),
+            _ => Box::pin(async { Ok(Status::unimplemented("").into_http()) }),
+        }
+    }
+}
+
 struct CheckMethod(Arc<State>);
 
 impl tonic::server::UnaryService<wire::CheckRequest> for CheckMethod {
@@ -255,6 +307,20 @@ pub fn render(d: &Decision, policy: &Policy, request_id: Option<&str>) -> CheckR
 #[cfg(test)]
 mod tests {
     use super::trace_id;
+
+    #[test]
+    fn services_are_told_apart_by_the_path() {
+        use super::service_of;
+        assert_eq!(
+            service_of("/envoy.service.auth.v3.Authorization/Check"),
+            Some("envoy.service.auth.v3.Authorization")
+        );
+        assert_eq!(service_of("/grpc.health.v1.Health/Watch"), Some("grpc.health.v1.Health"));
+        assert_eq!(service_of("/envoy.service.auth.v3.Authorization"), None);
+        assert_eq!(service_of("envoy.service.auth.v3.Authorization/Check"), None);
+        assert_eq!(service_of("/"), None);
+        assert_eq!(service_of("//Check"), Some(""));
+    }
 
     #[test]
     fn slots_are_limited_and_given_back() {

@@ -121,11 +121,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let authz = grpc::AuthorizationService::new(state.clone());
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health_service)
-        .add_service(authz);
+    // The two services are routed by grpc::Routes, not tonic's (axum) router: see there.
+    let routes = grpc::Routes::new(grpc::AuthorizationService::new(state.clone()), health_service);
+    let server =
+        || tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
 
     let mut bound = Bound { grpc: listen.grpc.clone(), admin: None };
     let grpc_task = match &listen.grpc {
@@ -135,7 +134,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             let local = listener.local_addr()?;
             bound.grpc = ListenAddr::Tcp(local);
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
+            tokio::spawn(server().serve_with_incoming_shutdown(routes, incoming, stopped(stop_rx.clone())))
         }
         ListenAddr::Unix(path) => {
             // A socket left by a previous run would make bind fail; anything else at that path is
@@ -154,7 +153,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             let listener = UnixListener::bind(path)
                 .map_err(|e| anyhow::anyhow!("listen.grpc unix://{}: {e}", path.display()))?;
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
+            tokio::spawn(server().serve_with_incoming_shutdown(routes, incoming, stopped(stop_rx.clone())))
         }
     };
     tracing::info!(listener = "grpc", addr = %bound.grpc, "listening");

@@ -15,7 +15,7 @@ mod common;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::check::CheckCall;
+use common::check::{CheckCall, raw_check};
 use common::directory_server::{Answer, DirectoryServer};
 use common::{Algorithm, CheckClient, ConfigDir, Outcome, Subguard, TokenBuilder, free_port};
 use serde_json::json;
@@ -145,6 +145,29 @@ async fn a_directory_slower_than_timeout_ms_is_directory_unavailable() {
     assert_unavailable(&out);
     assert_eq!(out.body["tenant"], "acme");
     assert_eq!(main_dir().requests("acme", "slowpoke"), 1, "the directory was asked");
+}
+
+#[tokio::test]
+async fn a_caller_deadline_shorter_than_the_directory_ends_the_check_with_deadline_exceeded() {
+    // Envoy sends its ext_authz timeout as grpc-timeout; here 100 ms, under the directory's
+    // timeout_ms (300) and far under its answer (5 s).
+    main_dir().set("deadline", Answer::user(json!({"id": "u-deadline"})).delayed(Duration::from_secs(5)));
+    // Sent over a bare HTTP/2 connection: tonic's client would enforce the deadline itself.
+    let addr = shared().subguard.grpc_addr();
+    let call = CheckCall::new().tenant("acme").bearer(&token("acme", "deadline"));
+    let started = Instant::now();
+    let status = raw_check(addr, &call, &[("grpc-timeout", "100m")]).await;
+    assert_eq!(status.as_deref(), Some("4"), "grpc-status DEADLINE_EXCEEDED");
+    assert!(started.elapsed() < Duration::from_millis(290), "answered after {:?}", started.elapsed());
+    // Without a deadline the directory's own timeout_ms ends the check, with a decision (OK).
+    assert_eq!(raw_check(addr, &call, &[]).await.as_deref(), Some("0"));
+    // A deadline the check meets changes nothing.
+    main_dir().set("in-time", Answer::user(json!({"id": "u-in-time"})));
+    let call = CheckCall::new().tenant("acme").bearer(&token("acme", "in-time"));
+    let mut client = shared().subguard.client().await;
+    let out = client.try_call_within(&call, Duration::from_secs(5)).await.unwrap();
+    assert!(out.allowed, "{out:#?}");
+    assert_eq!(out.header("x-user-id"), Some("u-in-time"));
 }
 
 #[tokio::test]

@@ -6,9 +6,10 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
@@ -68,8 +69,57 @@ where
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
         }
         let method = CheckMethod(self.state.clone());
-        Box::pin(async move { Ok(tonic::server::Grpc::new(CheckCodec).unary(method, req).await) })
+        let deadline = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.as_bytes()))
+            .map(|t| tokio::time::Instant::now() + t);
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(CheckCodec);
+            Ok(within(deadline, grpc.unary(method, req)).await.unwrap_or_else(|| {
+                Status::deadline_exceeded("the caller's grpc-timeout passed before the check finished")
+                    .into_http()
+            }))
+        })
     }
+}
+
+/// A `grpc-timeout` header's duration: at most eight digits and a unit (`H`, `M`, `S`, `m`, `u`,
+/// `n`). Anything else is no deadline, as in tonic's server.
+fn grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `future`'s output, or `None` once `deadline` has passed first.
+///
+/// The timer is only armed when the future does not finish at its first poll: a warm check
+/// finishes there, and registering a timer it never needs would cost it more than the check's own
+/// lookups. Time is still counted from the request's arrival.
+async fn within<F: Future>(deadline: Option<tokio::time::Instant>, future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        let Some(deadline) = deadline else { return Poll::Pending };
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 /// `Check`'s codec: requests decoded as [`wire::CheckRequest`] by prost, answers written by
@@ -129,10 +179,12 @@ fn service_of(path: &str) -> Option<&str> {
     Some(&rest[..end])
 }
 
-impl<H> Service<http::Request<tonic::body::Body>> for Routes<H>
+impl<B, H> Service<http::Request<B>> for Routes<H>
 where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
     H: Service<
-            http::Request<tonic::body::Body>,
+            http::Request<B>,
             Response = http::Response<tonic::body::Body>,
             Error = Infallible,
             Future = BoxFuture<http::Response<tonic::body::Body>, Infallible>,
@@ -146,7 +198,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
         use tonic::server::NamedService;
         match service_of(req.uri().path()) {
             Some(AuthorizationService::NAME) => self.authz.call(req),
@@ -307,6 +359,21 @@ pub fn render(d: &Decision, policy: &Policy, request_id: Option<&str>) -> CheckR
 #[cfg(test)]
 mod tests {
     use super::trace_id;
+
+    #[test]
+    fn grpc_timeouts_are_read_as_the_spec_writes_them() {
+        use super::grpc_timeout;
+        use std::time::Duration;
+        assert_eq!(grpc_timeout(b"250m"), Some(Duration::from_millis(250)));
+        assert_eq!(grpc_timeout(b"1S"), Some(Duration::from_secs(1)));
+        assert_eq!(grpc_timeout(b"2M"), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout(b"99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(grpc_timeout(b"5n"), Some(Duration::from_nanos(5)));
+        for bad in [&b""[..], b"m", b"100", b"123456789m", b"1.5S", b"-1S", b"10x", b" 10m"] {
+            assert_eq!(grpc_timeout(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn services_are_told_apart_by_the_path() {

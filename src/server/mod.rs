@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod answer;
 pub mod grpc;
+pub mod listen;
 pub mod reload;
 pub mod wire;
 
@@ -17,7 +18,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::check::Policy;
@@ -123,8 +123,6 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
 
     // The two services are routed by grpc::Routes, not tonic's (axum) router: see there.
     let routes = grpc::Routes::new(grpc::AuthorizationService::new(state.clone()), health_service);
-    let server =
-        || tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
 
     let mut bound = Bound { grpc: listen.grpc.clone(), admin: None };
     let grpc_task = match &listen.grpc {
@@ -133,8 +131,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("listen.grpc {addr}: {e}"))?;
             let local = listener.local_addr()?;
             bound.grpc = ListenAddr::Tcp(local);
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            tokio::spawn(server().serve_with_incoming_shutdown(routes, incoming, stopped(stop_rx.clone())))
+            tokio::spawn(listen::serve(listener, routes, stopped(stop_rx.clone())))
         }
         ListenAddr::Unix(path) => {
             // A socket left by a previous run would make bind fail; anything else at that path is
@@ -152,8 +149,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             }
             let listener = UnixListener::bind(path)
                 .map_err(|e| anyhow::anyhow!("listen.grpc unix://{}: {e}", path.display()))?;
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            tokio::spawn(server().serve_with_incoming_shutdown(routes, incoming, stopped(stop_rx.clone())))
+            tokio::spawn(listen::serve(listener, routes, stopped(stop_rx.clone())))
         }
     };
     tracing::info!(listener = "grpc", addr = %bound.grpc, "listening");
@@ -214,8 +210,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         let _ = tokio::time::timeout(Duration::from_secs(1), a).await;
     }
     match drained {
-        Ok(Ok(Ok(()))) => tracing::info!("stopped"),
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "grpc server failed"),
+        Ok(Ok(())) => tracing::info!("stopped"),
         Ok(Err(e)) => tracing::error!(error = %e, "grpc server task failed"),
         Err(_) => tracing::warn!("grace period over with checks still in flight; exiting"),
     }

@@ -331,6 +331,19 @@ impl CheckClient {
         self.send(call.to_request()).await
     }
 
+    /// [`CheckClient::try_call`] with a `grpc-timeout` header of `timeout`, as Envoy sends its
+    /// ext_authz `timeout` (the client itself does not enforce it).
+    pub async fn try_call_within(
+        &mut self,
+        call: &CheckCall,
+        timeout: std::time::Duration,
+    ) -> Result<Outcome, tonic::Status> {
+        let mut request = tonic::Request::new(call.to_request());
+        request.set_timeout(timeout);
+        let response = self.inner.check(request).await?;
+        Ok(Outcome::from_response(response.into_inner()))
+    }
+
     pub async fn send(&mut self, request: CheckRequest) -> Result<Outcome, tonic::Status> {
         let response = self.inner.check(request).await?;
         Ok(Outcome::from_response(response.into_inner()))
@@ -426,4 +439,43 @@ impl tonic::codegen::Service<Uri> for UnixConnector {
         let path = self.0.clone();
         Box::pin(async move { Ok(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) })
     }
+}
+
+/// One `Check` sent over a bare HTTP/2 connection with `headers` added, for what a gRPC client
+/// library would not send or would enforce itself (tonic's client also enforces `grpc-timeout`).
+/// Returns the `grpc-status` (from the trailers, or the headers of a trailers-only answer).
+pub async fn raw_check(
+    addr: std::net::SocketAddr,
+    call: &CheckCall,
+    headers: &[(&str, &str)],
+) -> Option<String> {
+    use http_body_util::BodyExt;
+    use prost::Message;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let message = call.to_request().encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let mut request = tonic::codegen::http::Request::post(format!(
+        "http://{addr}/envoy.service.auth.v3.Authorization/Check"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let request = request.body(http_body_util::Full::new(prost::bytes::Bytes::from(body))).unwrap();
+    let response = send.send_request(request).await.unwrap();
+    let in_headers = response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers =
+        collected.trailers().and_then(|t| t.get("grpc-status")).map(|v| v.to_str().unwrap().to_string());
+    trailers.or(in_headers)
 }

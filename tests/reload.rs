@@ -156,11 +156,13 @@ async fn an_invalid_config_is_refused_logged_counted_and_the_old_one_keeps_servi
     assert!(new_lines.contains("hots"), "the refusal is logged with its cause:\n{new_lines}");
 }
 
-/// How many times subguard looked for changes and found none (a debug line each).
+/// How many times a file event made subguard look for changes and it found none (a debug line
+/// each; the look it takes once at start has its own trigger).
 fn unchanged_checks(sg: &Subguard) -> usize {
     sg.log_events()
         .iter()
         .filter(|e| e["fields"]["message"] == "watched files unchanged; nothing to reload")
+        .filter(|e| e["fields"]["trigger"] == "file change")
         .count()
 }
 
@@ -179,6 +181,13 @@ async fn reading_the_watched_files_is_not_a_change_and_one_check_does_not_start_
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(unchanged_checks(&sg), 0, "reads and unrelated files made subguard look for changes");
+    let start_up_looks = sg
+        .log_events()
+        .iter()
+        .filter(|e| e["fields"]["message"] == "watched files unchanged; nothing to reload")
+        .filter(|e| e["fields"]["trigger"] == "change during start-up")
+        .count();
+    assert_eq!(start_up_looks, 1, "one look at start, which found nothing changed");
 
     // The users file is written again with the same contents: one look, which finds nothing.
     // Its own reads of the files must not make it look again (they once did, every 200 ms).

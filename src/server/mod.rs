@@ -100,6 +100,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let config_path = config.path.clone();
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    // Fingerprinted before anything is built from them: see reload::Baseline.
+    let baseline = reload::Baseline::take(&config);
     let policy = Policy::build(config, metrics.clone()).map_err(|e| anyhow::anyhow!(e))?;
     policy.start_key_refresh();
     let state = State::new(policy, metrics, registry);
@@ -107,7 +109,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
 
     // Before any listener: its watches and SIGHUP handler are in place before anything can
     // report ready, so no change made after that is missed.
-    let reloader = reload::spawn(state.clone(), config_path);
+    let reloader = reload::spawn(state.clone(), config_path, baseline);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;

@@ -137,10 +137,26 @@ pub struct Reloader {
     fingerprint: [u8; 32],
 }
 
-impl Reloader {
-    pub fn new(state: Arc<State>, config_path: PathBuf) -> Reloader {
-        let files = watched_files(&state.policy.load().config);
+/// The watched files of the config being started, fingerprinted before the policy is built from
+/// them. The reloader's first look compares against it, so a file changed while the sidecar
+/// starts (after it was read, before it was watched) is applied then instead of being taken
+/// for the starting point.
+pub struct Baseline {
+    files: BTreeSet<PathBuf>,
+    fingerprint: [u8; 32],
+}
+
+impl Baseline {
+    pub fn take(config: &Config) -> Baseline {
+        let files = watched_files(config);
         let fingerprint = fingerprint(&files);
+        Baseline { files, fingerprint }
+    }
+}
+
+impl Reloader {
+    pub fn new(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> Reloader {
+        let Baseline { files, fingerprint } = baseline;
         let shared_files = Arc::new(Mutex::new(with_targets(&files)));
         Reloader { state, config_path, files, shared_files, fingerprint }
     }
@@ -235,8 +251,10 @@ impl Reloader {
 ///
 /// The watches and the SIGHUP handler are in place when this returns, so a change made once the
 /// sidecar reports ready is never missed (the server calls this before its listeners say ready).
-pub fn spawn(state: Arc<State>, config_path: PathBuf) -> tokio::task::JoinHandle<()> {
-    let mut reloader = Reloader::new(state, config_path);
+/// The first thing the task does is look for changes since `baseline`, which covers those made
+/// earlier, while the policy was being built.
+pub fn spawn(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> tokio::task::JoinHandle<()> {
+    let mut reloader = Reloader::new(state, config_path, baseline);
     let files = reloader.shared_files();
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -264,6 +282,8 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf) -> tokio::task::JoinHandle
     };
     watch_folders(watcher.as_mut(), &reloader, &mut watched);
     tokio::spawn(async move {
+        let _ = reloader.reload("change during start-up", false).await;
+        watch_folders(watcher.as_mut(), &reloader, &mut watched);
         loop {
             let (trigger, force) = tokio::select! {
                 Some(()) = rx.recv() => {
@@ -414,5 +434,60 @@ mod tests {
         let before = fingerprint(&set);
         std::fs::write(&b, format!("{}v", &big[..big.len() - 1])).unwrap();
         assert_ne!(fingerprint(&set), before);
+    }
+
+    #[tokio::test]
+    async fn a_file_changed_while_the_sidecar_starts_is_applied_by_the_first_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart/keys/acme.jwks.json");
+        std::fs::copy(keys, dir.path().join("acme.jwks.json")).unwrap();
+        let users = dir.path().join("users.yaml");
+        std::fs::write(&users, "acme:\n  - sub: alice\n").unwrap();
+        let config_path = dir.path().join("config.yaml");
+        std::fs::write(
+            &config_path,
+            r#"
+listen:
+  grpc: "127.0.0.1:0"
+tenant:
+  header: x-tenant-id
+directory:
+  kind: file
+  path: users.yaml
+tenants:
+  acme:
+    issuers:
+      - issuer: "https://idp.acme.test/"
+        audiences: ["orders"]
+        algorithms: ["RS256"]
+        jwks_file: acme.jwks.json
+"#,
+        )
+        .unwrap();
+        // What `serve` does, with a change in the window between reading the files and
+        // watching them.
+        let config = config::load(&config_path).unwrap();
+        let baseline = Baseline::take(&config);
+        let metrics = crate::telemetry::Metrics::detached();
+        let policy = Policy::build(config, metrics.clone()).unwrap();
+        std::fs::write(&users, "acme:\n  - sub: alice\n  - sub: bob\n").unwrap();
+        let state = State::new(policy, metrics, prometheus_client::registry::Registry::default());
+        let has_bob = |state: &State| match state.policy.load().tenants["acme"].directory.backend() {
+            crate::directory::Backend::File(f) => {
+                f.snapshot().tenants.get("acme").is_some_and(|subs| subs.contains_key("bob"))
+            }
+            _ => false,
+        };
+        assert!(!has_bob(&state), "the policy was built before the change");
+        let task = spawn(state.clone(), config_path, baseline);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !has_bob(&state) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the change made during start-up was never applied"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        task.abort();
     }
 }

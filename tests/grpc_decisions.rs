@@ -1026,16 +1026,21 @@ async fn admin_endpoints() {
     assert!(!metrics.contains("no-such-tenant-xyz"), "an unknown tenant leaked into a label:\n{metrics}");
 }
 
+/// A plain gRPC connection to `sg`'s listener.
+async fn grpc_channel(sg: &Subguard) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{}", sg.grpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn grpc_health_serving_once_ready() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let sg = shared();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sg.grpc_addr()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(sg).await;
     let mut health = HealthClient::new(channel);
     for service in ["", "envoy.service.auth.v3.Authorization"] {
         let status = health
@@ -1051,11 +1056,7 @@ async fn grpc_health_serving_once_ready() {
 #[tokio::test]
 async fn other_grpc_methods_and_services_are_unimplemented() {
     let sg = shared();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sg.grpc_addr()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(sg).await;
     for path in [
         "/envoy.service.auth.v3.Authorization/CheckStream",
         "/envoy.service.auth.v2.Authorization/Check",
@@ -1139,11 +1140,7 @@ tenants:
     // gRPC health is SERVING only once ready.
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sg.grpc_addr()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(&sg).await;
     let mut health = HealthClient::new(channel);
     for service in ["", "envoy.service.auth.v3.Authorization"] {
         let status =

@@ -438,50 +438,36 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_changed_while_the_sidecar_starts_is_applied_by_the_first_look() {
+        // The quickstart: its config, users file and public keys.
+        let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
         let dir = tempfile::tempdir().unwrap();
-        let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart/keys/acme.jwks.json");
-        std::fs::copy(keys, dir.path().join("acme.jwks.json")).unwrap();
-        let users = dir.path().join("users.yaml");
-        std::fs::write(&users, "acme:\n  - sub: alice\n").unwrap();
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        for f in ["config.yaml", "users.yaml", "keys/acme.jwks.json", "keys/globex.jwks.json"] {
+            std::fs::copy(quickstart.join(f), dir.path().join(f)).unwrap();
+        }
         let config_path = dir.path().join("config.yaml");
-        std::fs::write(
-            &config_path,
-            r#"
-listen:
-  grpc: "127.0.0.1:0"
-tenant:
-  header: x-tenant-id
-directory:
-  kind: file
-  path: users.yaml
-tenants:
-  acme:
-    issuers:
-      - issuer: "https://idp.acme.test/"
-        audiences: ["orders"]
-        algorithms: ["RS256"]
-        jwks_file: acme.jwks.json
-"#,
-        )
-        .unwrap();
+        let users = dir.path().join("users.yaml");
         // What `serve` does, with a change in the window between reading the files and
         // watching them.
         let config = config::load(&config_path).unwrap();
         let baseline = Baseline::take(&config);
         let metrics = crate::telemetry::Metrics::detached();
         let policy = Policy::build(config, metrics.clone()).unwrap();
-        std::fs::write(&users, "acme:\n  - sub: alice\n  - sub: bob\n").unwrap();
+        let mut text = std::fs::read_to_string(&users).unwrap();
+        text = text.replacen("acme:\n", "acme:\n  - sub: erin\n", 1);
+        assert!(text.contains("sub: erin"), "the quickstart users file has an acme list");
+        std::fs::write(&users, text).unwrap();
         let state = State::new(policy, metrics, prometheus_client::registry::Registry::default());
-        let has_bob = |state: &State| match state.policy.load().tenants["acme"].directory.backend() {
+        let has_erin = |state: &State| match state.policy.load().tenants["acme"].directory.backend() {
             crate::directory::Backend::File(f) => {
-                f.snapshot().tenants.get("acme").is_some_and(|subs| subs.contains_key("bob"))
+                f.snapshot().tenants.get("acme").is_some_and(|subs| subs.contains_key("erin"))
             }
             _ => false,
         };
-        assert!(!has_bob(&state), "the policy was built before the change");
+        assert!(!has_erin(&state), "the policy was built before the change");
         let task = spawn(state.clone(), config_path, baseline);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !has_bob(&state) {
+        while !has_erin(&state) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the change made during start-up was never applied"

@@ -83,3 +83,61 @@ tenants:
         .build();
     assert!(client.clone().call(&CheckCall::new().tenant("acme").bearer(&token)).await.allowed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_connection_carries_checks_up_to_the_limit_at_once() {
+    // Envoy sends a worker's checks over one HTTP/2 connection. Within max_in_flight_checks they
+    // all run at once: the listener sets no lower cap on concurrent streams (HTTP/2 servers
+    // commonly allow 100 or 200, beyond which the client has to queue them).
+    let directory = DirectoryServer::start();
+    directory.set_default(Answer::user(json!({"id": "u"})).delayed(Duration::from_millis(1500)));
+    let config = format!(
+        r#"
+listen:
+  grpc: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+tenant:
+  header: x-tenant-id
+max_in_flight_checks: 400
+directory:
+  kind: http
+  url: "{url}"
+  timeout_ms: 5000
+tenants:
+  acme:
+    issuers:
+      - issuer: "https://idp.acme.test/"
+        audiences: [orders]
+        jwks_file: keys/issuer-a.jwks.json
+"#,
+        url = directory.url_template()
+    );
+    let sg = Subguard::start_in(ConfigDir::with(&config, ""));
+    let client = sg.client().await;
+    const CHECKS: usize = 300;
+    let tokens: Vec<String> = (0..CHECKS)
+        .map(|i| {
+            TokenBuilder::new("rsa-1", Algorithm::RS256)
+                .iss("https://idp.acme.test/")
+                .aud("orders")
+                .sub(&format!("user-{i}"))
+                .build()
+        })
+        .collect();
+    let calls: Vec<_> = tokens
+        .into_iter()
+        .map(|token| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.call(&CheckCall::new().tenant("acme").bearer(&token)).await })
+        })
+        .collect();
+    // Well before the first answer (1.5 s), every check has reached the directory.
+    let deadline = std::time::Instant::now() + Duration::from_millis(1200);
+    while directory.total_requests() < CHECKS && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(directory.total_requests(), CHECKS, "checks waited for a stream of the connection");
+    for c in calls {
+        assert!(c.await.unwrap().allowed);
+    }
+}

@@ -172,7 +172,7 @@ impl<H> Routes<H> {
     }
 }
 
-/// `/<service>/` of a path `/<service>/<method>`, if the path has that shape.
+/// The `<service>` of a path `/<service>/<method>`, if the path has that shape.
 fn service_of(path: &str) -> Option<&str> {
     let rest = path.strip_prefix('/')?;
     let end = rest.find('/')?;

@@ -8,9 +8,11 @@
 //! connection is a minute old each response compares its `date` with about sixty stored ones.
 //! Envoy reads nothing from a gRPC response's `date`.
 //!
-//! What stays as tonic serves it: HTTP/2 only, hyper's default windows and limits, TCP_NODELAY,
-//! HTTP/2 keepalive pings every 30 s, and graceful shutdown (stop accepting, let every connection
-//! finish its streams with a GOAWAY, return when all are closed).
+//! What stays as tonic serves it: HTTP/2 only, hyper's default windows and frame size, no cap on
+//! concurrent streams, TCP_NODELAY, HTTP/2 keepalive pings every 30 s, and graceful shutdown (stop
+//! accepting, let every connection finish its streams with a GOAWAY, return when all are closed).
+//! One difference: hyper's limit on streams a client makes the server reset (1 024 a connection,
+//! against reset floods) is kept; tonic lifted it.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -64,7 +66,14 @@ where
     S::Future: Send + 'static,
 {
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    http2.timer(TokioTimer::new()).keep_alive_interval(KEEPALIVE).auto_date_header(false);
+    http2
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE)
+        .auto_date_header(false)
+        // No cap per connection (hyper's default is 200; tonic's server lifted it too): Envoy
+        // sends a worker's checks over one connection, and `max_in_flight_checks` is the limit
+        // that refuses checks beyond what subguard should take on, with a reason.
+        .max_concurrent_streams(None);
 
     // Every connection holds a receiver: told to stop through it, and counted by it.
     let (stop, stopped) = watch::channel(false);

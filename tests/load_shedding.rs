@@ -11,10 +11,9 @@ use common::directory_server::{Answer, DirectoryServer};
 use common::{Algorithm, ConfigDir, Subguard, TokenBuilder};
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn checks_beyond_the_limit_are_refused_at_once_and_counted() {
-    let directory = DirectoryServer::start();
-    directory.set_default(Answer::user(json!({"id": "u"})).delayed(Duration::from_millis(800)));
+/// A subguard for tenant `acme` with `directory` as its HTTP directory and the given
+/// `max_in_flight_checks`.
+fn subguard_with(max_in_flight: usize, directory: &DirectoryServer) -> Subguard {
     let config = format!(
         r#"
 listen:
@@ -22,7 +21,7 @@ listen:
   admin: "127.0.0.1:0"
 tenant:
   header: x-tenant-id
-max_in_flight_checks: 2
+max_in_flight_checks: {max_in_flight}
 directory:
   kind: http
   url: "{url}"
@@ -36,18 +35,26 @@ tenants:
 "#,
         url = directory.url_template()
     );
-    let sg = Subguard::start_in(ConfigDir::with(&config, ""));
+    Subguard::start_in(ConfigDir::with(&config, ""))
+}
+
+/// A token of `acme`'s issuer for `sub`.
+fn token(sub: &str) -> String {
+    TokenBuilder::new("rsa-1", Algorithm::RS256).iss("https://idp.acme.test/").aud("orders").sub(sub).build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checks_beyond_the_limit_are_refused_at_once_and_counted() {
+    let directory = DirectoryServer::start();
+    directory.set_default(Answer::user(json!({"id": "u"})).delayed(Duration::from_millis(800)));
+    let sg = subguard_with(2, &directory);
     let client = sg.client().await;
 
     let mut calls = Vec::new();
     for i in 0..8 {
         let mut client = client.clone();
         // Distinct subs: no cache or coalescing can make the slow lookups cheap.
-        let token = TokenBuilder::new("rsa-1", Algorithm::RS256)
-            .iss("https://idp.acme.test/")
-            .aud("orders")
-            .sub(&format!("user-{i}"))
-            .build();
+        let token = token(&format!("user-{i}"));
         calls.push(tokio::spawn(async move {
             client.try_call(&CheckCall::new().tenant("acme").bearer(&token)).await
         }));
@@ -76,11 +83,7 @@ tenants:
     assert_eq!(counted, shed as f64, "{metrics}");
 
     // Once the load is gone, checks are decided again.
-    let token = TokenBuilder::new("rsa-1", Algorithm::RS256)
-        .iss("https://idp.acme.test/")
-        .aud("orders")
-        .sub("later")
-        .build();
+    let token = token("later");
     assert!(client.clone().call(&CheckCall::new().tenant("acme").bearer(&token)).await.allowed);
 }
 
@@ -91,39 +94,10 @@ async fn one_connection_carries_checks_up_to_the_limit_at_once() {
     // commonly allow 100 or 200, beyond which the client has to queue them).
     let directory = DirectoryServer::start();
     directory.set_default(Answer::user(json!({"id": "u"})).delayed(Duration::from_millis(1500)));
-    let config = format!(
-        r#"
-listen:
-  grpc: "127.0.0.1:0"
-  admin: "127.0.0.1:0"
-tenant:
-  header: x-tenant-id
-max_in_flight_checks: 400
-directory:
-  kind: http
-  url: "{url}"
-  timeout_ms: 5000
-tenants:
-  acme:
-    issuers:
-      - issuer: "https://idp.acme.test/"
-        audiences: [orders]
-        jwks_file: keys/issuer-a.jwks.json
-"#,
-        url = directory.url_template()
-    );
-    let sg = Subguard::start_in(ConfigDir::with(&config, ""));
+    let sg = subguard_with(400, &directory);
     let client = sg.client().await;
     const CHECKS: usize = 300;
-    let tokens: Vec<String> = (0..CHECKS)
-        .map(|i| {
-            TokenBuilder::new("rsa-1", Algorithm::RS256)
-                .iss("https://idp.acme.test/")
-                .aud("orders")
-                .sub(&format!("user-{i}"))
-                .build()
-        })
-        .collect();
+    let tokens: Vec<String> = (0..CHECKS).map(|i| token(&format!("user-{i}"))).collect();
     let calls: Vec<_> = tokens
         .into_iter()
         .map(|token| {

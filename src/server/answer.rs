@@ -4,7 +4,7 @@
 //! value, every `headers_to_remove` entry and every dynamic-metadata key and value is its own
 //! `String`, the metadata a SipHash map of them, about twenty allocations for an allow that are
 //! freed again as soon as the message is encoded. [`Answer`] keeps what the response says (the
-//! decision, whose strings are shared `Arc`s, and the policy naming the forwarded headers) and
+//! decision's parts, whose strings are shared `Arc`s, and the policy naming the forwarded headers) and
 //! writes the protobuf encoding of the same message from it, with the field numbers of
 //! `external_auth.proto`, `base.proto` (`HeaderValueOption`), `http_status.proto`, `status.proto`
 //! and `struct.proto`.
@@ -21,7 +21,7 @@ use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, k
 
 use crate::check::Policy;
 use crate::config::{Forward, OutageResponse};
-use crate::decision::{Decision, Outcome, Reason};
+use crate::decision::{Decision, Identity, Outcome, Reason};
 
 /// `HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD`: a forwarded header replaces
 /// whatever the client sent under that name.
@@ -29,20 +29,27 @@ const OVERWRITE_IF_EXISTS_OR_ADD: u64 = 2;
 
 /// The response to one check, encoded on demand.
 pub struct Answer {
-    decision: Decision,
-    /// The names of the forwarded headers.
-    forward: Arc<Forward>,
-    /// An outage is answered as Envoy's `error_response` (`outage_response: error`).
-    as_error: bool,
-    /// The headers and body of a deny (built when the answer is; denies are the rarer answer).
-    deny: Option<Deny>,
+    said: Said,
+    /// The tenant, as the allow's tenant header carries it.
+    tenant: Option<Arc<str>>,
+    /// `ok` or the deny's reason code (metadata `reason`).
+    reason: &'static str,
     /// The metadata values of tenant, sub and issuer, with control characters escaped.
     printable: [Option<Arc<str>>; 3],
 }
 
-struct Deny {
-    headers: Vec<(&'static str, String)>,
-    body: String,
+/// What Envoy is told to do with the request.
+enum Said {
+    /// Forward it, with the identity in the headers `forward` names.
+    Allow { identity: Identity, forward: Arc<Forward> },
+    /// Answer it (built when the answer is; denies are the rarer answer).
+    Deny {
+        reason: Reason,
+        /// As Envoy's `error_response` (an outage with `outage_response: error`).
+        as_error: bool,
+        headers: Vec<(&'static str, String)>,
+        body: String,
+    },
 }
 
 impl Answer {
@@ -58,25 +65,24 @@ impl Answer {
         outage: OutageResponse,
         request_id: Option<&str>,
     ) -> Answer {
-        let as_error =
-            matches!(decision.outcome, Outcome::Deny(r) if r.is_outage()) && outage == OutageResponse::Error;
-        let deny = match decision.outcome {
-            Outcome::Allow(_) => None,
-            Outcome::Deny(reason) => {
-                let tenant = decision.tenant.as_deref();
-                Some(Deny {
-                    headers: super::grpc::deny_headers(reason, tenant),
-                    body: super::grpc::deny_body(reason, tenant, request_id),
-                })
-            }
-        };
+        let reason = decision.reason_code();
         let printable = [&decision.tenant, &decision.sub, &decision.issuer].map(|v| {
             v.as_ref().map(|v| match super::grpc::printable(v) {
                 Cow::Borrowed(_) => v.clone(),
                 Cow::Owned(escaped) => Arc::from(escaped),
             })
         });
-        Answer { decision, forward: forward.clone(), as_error, deny, printable }
+        let tenant = decision.tenant;
+        let said = match decision.outcome {
+            Outcome::Allow(identity) => Said::Allow { identity, forward: forward.clone() },
+            Outcome::Deny(reason) => Said::Deny {
+                reason,
+                as_error: reason.is_outage() && outage == OutageResponse::Error,
+                headers: super::grpc::deny_headers(reason, tenant.as_deref()),
+                body: super::grpc::deny_body(reason, tenant.as_deref(), request_id),
+            },
+        };
+        Answer { said, tenant, reason, printable }
     }
 
     /// The length of the encoded message.
@@ -103,14 +109,13 @@ impl Answer {
     /// `CheckResponse`: `status = 1`, `denied_response = 2` | `ok_response = 3` |
     /// `error_response = 5`, `dynamic_metadata = 4`.
     fn write(&self, out: &mut dyn Out) {
-        match (&self.decision.outcome, &self.deny) {
-            (Outcome::Allow(identity), _) => {
+        match &self.said {
+            Said::Allow { identity, forward: f } => {
                 // google.rpc.Status with code OK: present, and empty.
                 out.message(1, &|_| {});
                 out.message(3, &|ok| {
                     // OkHttpResponse: `headers = 2`, `headers_to_remove = 5`.
-                    let f = &self.forward;
-                    let tenant = self.decision.tenant.as_deref().unwrap_or("");
+                    let tenant = self.tenant.as_deref().unwrap_or("");
                     set_header(ok, 2, &f.tenant_header, tenant);
                     set_header(ok, 2, &f.user_header, &identity.user_id);
                     match &identity.roles {
@@ -122,25 +127,23 @@ impl Answer {
                     }
                 });
             }
-            (Outcome::Deny(reason), Some(deny)) => {
+            Said::Deny { reason, as_error, headers, body } => {
                 let reason = *reason;
                 out.message(1, &|status| {
                     // google.rpc.Status: `code = 1`, `message = 2`.
                     status.varint(1, rpc_code(reason));
                     status.bytes(2, reason.code().as_bytes());
                 });
-                out.message(if self.as_error { 5 } else { 2 }, &|denied| {
+                out.message(if *as_error { 5 } else { 2 }, &|denied| {
                     // DeniedHttpResponse: `status = 1` (HttpStatus: `code = 1`), `headers = 2`,
                     // `body = 3`.
                     denied.message(1, &|s| s.varint(1, u64::from(reason.http_status())));
-                    for (name, value) in &deny.headers {
+                    for (name, value) in headers {
                         set_header(denied, 2, name, value);
                     }
-                    denied.bytes(3, deny.body.as_bytes());
+                    denied.bytes(3, body.as_bytes());
                 });
             }
-            // `new` builds `deny` for every deny.
-            (Outcome::Deny(_), None) => {}
         }
         out.message(4, &|fields| self.metadata(fields));
     }
@@ -148,11 +151,11 @@ impl Answer {
     /// `google.protobuf.Struct`: `fields = 1`, a `map<string, Value>`; each entry `key = 1`,
     /// `value = 2`, a `Value` with `string_value = 3`.
     fn metadata(&self, out: &mut dyn Out) {
-        let d = &self.decision;
         let [tenant, sub, issuer] = &self.printable;
+        let allow = matches!(self.said, Said::Allow { .. });
         let entries = [
-            ("decision", Some(if d.is_allow() { "allow" } else { "deny" })),
-            ("reason", Some(d.reason_code())),
+            ("decision", Some(if allow { "allow" } else { "deny" })),
+            ("reason", Some(self.reason)),
             ("tenant", tenant.as_deref()),
             ("sub", sub.as_deref()),
             ("issuer", issuer.as_deref()),

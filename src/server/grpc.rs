@@ -148,7 +148,8 @@ impl Encoder for AnswerEncoder {
     type Error = Status;
 
     fn encode(&mut self, answer: Answer, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.reserve(answer.encoded_len());
+        // No reserve up front: it would count the whole answer once more, and the codec's buffer
+        // (8 KiB) already holds any answer; a longer one grows as it is written.
         answer.encode(dst);
         Ok(())
     }

@@ -15,10 +15,13 @@
 //! against reset floods) is kept; tonic lifted it.
 
 use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -65,19 +68,10 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    http2
-        .timer(TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE)
-        .auto_date_header(false)
-        // No cap per connection (hyper's default is 200; tonic's server lifted it too): Envoy
-        // sends a worker's checks over one connection, and `max_in_flight_checks` is the limit
-        // that refuses checks beyond what subguard should take on, with a reason.
-        .max_concurrent_streams(None);
-
     // Every connection holds a receiver: told to stop through it, and counted by it.
     let (stop, stopped) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
+    let batch = one_worker();
     loop {
         let io = tokio::select! {
             _ = &mut shutdown => break,
@@ -93,15 +87,17 @@ where
                 }
             },
         };
-        let connection = http2.serve_connection(TokioIo::new(io), TowerToHyperService::new(service.clone()));
+        let streams = if batch { Streams::Batch(Arc::default()) } else { Streams::Spawn };
+        let connection = http2(streams.clone())
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service.clone()));
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
-                result = connection.as_mut() => return finished(result),
+                result = drive(connection.as_mut(), &streams) => return finished(result),
                 _ = stopped.wait_for(|s| *s) => connection.as_mut().graceful_shutdown(),
             }
-            finished(connection.await);
+            finished(drive(connection.as_mut(), &streams).await);
         });
     }
     drop(listener);
@@ -110,8 +106,270 @@ where
     stop.closed().await;
 }
 
+/// hyper's HTTP/2 server with subguard's settings, its streams run by `streams`.
+fn http2(streams: Streams) -> hyper::server::conn::http2::Builder<Streams> {
+    let mut http2 = hyper::server::conn::http2::Builder::new(streams);
+    http2
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE)
+        .auto_date_header(false)
+        // No cap per connection (hyper's default is 200; tonic's server lifted it too): Envoy
+        // sends a worker's checks over one connection, and `max_in_flight_checks` is the limit
+        // that refuses checks beyond what subguard should take on, with a reason.
+        .max_concurrent_streams(None);
+    http2
+}
+
+/// Whether this runtime has one worker (subguard's default, see `server::runtime`).
+fn one_worker() -> bool {
+    tokio::runtime::Handle::try_current().map_or(true, |h| h.metrics().num_workers() == 1)
+}
+
+/// How a connection's streams run: hyper hands each stream it accepts to this executor.
+///
+/// `Spawn`: each stream is a task, as hyper's `TokioExecutor` runs it. Used with more than one
+/// worker, so that stealing workers share a connection's checks.
+///
+/// `Batch` (one worker, subguard's default): a stream waits in the connection's queue until the
+/// connection has read everything the socket held; [`drive`] then polls it once right there and
+/// spawns it only if it did not finish. A warm check finishes at that poll (its request's DATA
+/// frame has been read by then), so the answers to what Envoy sent in one write go back in one or
+/// two writes. As tasks, each check was woken into tokio's LIFO slot with the connection right
+/// behind it, and every answer was a `writev` of its own for subguard and a read for Envoy
+/// (docs/benchmarks.md, item 23).
+#[derive(Clone)]
+enum Streams {
+    Spawn,
+    Batch(Arc<Mutex<Vec<Stream>>>),
+}
+
+/// A stream of a connection (the service's future, then the response's frames), boxed to wait.
+type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        match self {
+            Streams::Spawn => {
+                tokio::spawn(stream);
+            }
+            Streams::Batch(queue) => lock(queue).push(Box::pin(stream)),
+        }
+    }
+}
+
+fn lock(queue: &Mutex<Vec<Stream>>) -> std::sync::MutexGuard<'_, Vec<Stream>> {
+    queue.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Times `drive` lets a connection read, run its new streams and write within one poll before
+/// it yields to the runtime's other tasks.
+const ROUNDS_PER_POLL: usize = 16;
+
+/// Polls `connection` until it is done. With `Streams::Batch`, each time the connection has read
+/// all it could, runs the streams it accepted (see [`Streams`]): the first one, then the
+/// connection again so that the first answer is written while the others are worked out (Envoy
+/// starts on it at once), then the rest, whose answers the next round writes together.
+async fn drive<C: Future>(mut connection: Pin<&mut C>, streams: &Streams) -> C::Output {
+    let Streams::Batch(queue) = streams else {
+        return connection.await;
+    };
+    let mut batch = Vec::new();
+    std::future::poll_fn(|cx| {
+        for _ in 0..ROUNDS_PER_POLL {
+            if let Poll::Ready(done) = connection.as_mut().poll(cx) {
+                spawn_all(lock(queue).drain(..));
+                return Poll::Ready(done);
+            }
+            std::mem::swap(&mut *lock(queue), &mut batch);
+            let mut accepted = batch.drain(..);
+            let Some(first) = accepted.next() else {
+                return Poll::Pending;
+            };
+            if first_poll(first)
+                && accepted.len() > 0
+                && let Poll::Ready(done) = connection.as_mut().poll(cx)
+            {
+                spawn_all(accepted);
+                spawn_all(lock(queue).drain(..));
+                return Poll::Ready(done);
+            }
+            for stream in accepted {
+                first_poll(stream);
+            }
+        }
+        // More keeps arriving: let other connections and timers run before the next round.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
+/// Streams accepted as their connection ended: theirs to finish or fail as tasks.
+fn spawn_all(streams: impl Iterator<Item = Stream>) {
+    for stream in streams {
+        tokio::spawn(stream);
+    }
+}
+
+/// Polls a new stream once and spawns it as a task if it did not finish; true if it finished.
+///
+/// That poll's waker is never woken: whatever the stream waits on takes the task's waker at the
+/// task's first poll, which checks everything again. A panic is contained as a task's is: the
+/// stream is dropped (hyper resets it) and the connection's other streams go on.
+fn first_poll(mut stream: Stream) -> bool {
+    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        stream.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+    }));
+    match polled {
+        Ok(Poll::Ready(())) => true,
+        Ok(Poll::Pending) => {
+            tokio::spawn(stream);
+            false
+        }
+        Err(_) => {
+            tracing::error!("a grpc stream panicked; it was reset");
+            false
+        }
+    }
+}
+
 fn finished(result: Result<(), hyper::Error>) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "grpc connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use hyper::rt::Executor;
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    fn note(log: &Log, line: impl Into<String>) {
+        log.lock().unwrap().push(line.into());
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_finishes_at_its_first_poll_runs_there_and_is_not_spawned() {
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        assert!(first_poll(Box::pin(async move { flag.store(true, Ordering::SeqCst) })));
+        assert!(ran.load(Ordering::SeqCst));
+        assert_eq!(tokio::runtime::Handle::current().metrics().num_alive_tasks(), tasks);
+    }
+
+    #[tokio::test]
+    async fn a_stream_still_waiting_after_its_first_poll_finishes_as_a_task() {
+        let (go, wait) = oneshot::channel::<()>();
+        let (done, finished) = oneshot::channel();
+        assert!(!first_poll(Box::pin(async move {
+            let _ = wait.await;
+            let _ = done.send(());
+        })));
+        go.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), finished).await.expect("the task finishes").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_panics_is_dropped_and_the_connection_goes_on() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        struct OnDrop(Arc<AtomicBool>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let guard = OnDrop(dropped.clone());
+        assert!(!first_poll(Box::pin(async move {
+            let _guard = guard;
+            panic!("a bug in a check");
+        })));
+        assert!(dropped.load(Ordering::SeqCst));
+        // The caller (the connection's task) is still running: the next stream runs as usual.
+        assert!(first_poll(Box::pin(async {})));
+    }
+
+    /// A connection stand-in: at its first poll it accepts `streams` streams (each logs that it
+    /// ran and finishes at once), and it ends once all have run.
+    fn connection(streams: usize, executor: Streams, log: Log) -> impl Future<Output = ()> {
+        let mut accepted = false;
+        std::future::poll_fn(move |_| {
+            note(&log, "connection");
+            if !accepted {
+                accepted = true;
+                for i in 0..streams {
+                    let log = log.clone();
+                    executor.execute(async move { note(&log, format!("stream {i}")) });
+                }
+            }
+            let ran = log.lock().unwrap().iter().filter(|l| l.starts_with("stream")).count();
+            if ran == streams { Poll::Ready(()) } else { Poll::Pending }
+        })
+    }
+
+    #[tokio::test]
+    async fn the_first_answer_is_written_before_the_rest_of_its_batch_runs() {
+        let log = Log::default();
+        let streams = Streams::Batch(Arc::default());
+        let conn = std::pin::pin!(connection(3, streams.clone(), log.clone()));
+        tokio::time::timeout(Duration::from_secs(5), drive(conn, &streams)).await.unwrap();
+        // Read (and accept three), run the first, write its answer, run the other two, write theirs.
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["connection", "stream 0", "connection", "stream 1", "stream 2", "connection"]
+        );
+    }
+
+    #[tokio::test]
+    async fn streams_accepted_as_their_connection_ends_still_run() {
+        let log = Log::default();
+        let streams = Streams::Batch(Arc::default());
+        let conn_log = log.clone();
+        let executor = streams.clone();
+        // Accepts a stream and ends in the same poll.
+        let (done, finished) = oneshot::channel();
+        let mut done = Some(done);
+        let conn = std::pin::pin!(std::future::poll_fn(move |_| {
+            note(&conn_log, "connection");
+            if let Some(done) = done.take() {
+                executor.execute(async move {
+                    let _ = done.send(());
+                });
+            }
+            Poll::Ready(())
+        }));
+        drive(conn, &streams).await;
+        tokio::time::timeout(Duration::from_secs(5), finished).await.expect("the stream runs").unwrap();
+        assert_eq!(*log.lock().unwrap(), ["connection"]);
+    }
+
+    #[tokio::test]
+    async fn one_worker_batches_streams() {
+        assert!(one_worker());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn more_workers_spawn_every_stream_so_they_can_share_a_connection() {
+        assert!(!one_worker());
+        let log = Log::default();
+        let streams = Streams::Spawn;
+        let conn = std::pin::pin!(connection(0, streams.clone(), log.clone()));
+        drive(conn, &streams).await;
+        let (done, finished) = oneshot::channel();
+        streams.execute(async move {
+            let _ = done.send(tokio::runtime::Handle::current().metrics().num_alive_tasks());
+        });
+        // Ran as a task of its own: alive while it runs.
+        assert!(tokio::time::timeout(Duration::from_secs(5), finished).await.unwrap().unwrap() >= 1);
     }
 }

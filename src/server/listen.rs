@@ -11,8 +11,10 @@
 //! What stays as tonic serves it: HTTP/2 only, hyper's default windows and frame size, no cap on
 //! concurrent streams, TCP_NODELAY, HTTP/2 keepalive pings every 30 s, and graceful shutdown (stop
 //! accepting, let every connection finish its streams with a GOAWAY, return when all are closed).
-//! One difference: hyper's limit on streams a client makes the server reset (1 024 a connection,
-//! against reset floods) is kept; tonic lifted it.
+//! Two differences: hyper's limit on streams a client makes the server reset (1 024 a connection,
+//! against reset floods) is kept, which tonic lifted; and on one worker a connection's streams are
+//! run where it reads them and their answers written together ([`Streams`]), where tonic spawns a
+//! task for each.
 
 use std::convert::Infallible;
 use std::pin::Pin;

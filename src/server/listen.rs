@@ -13,7 +13,7 @@
 //! accepting, let every connection finish its streams with a GOAWAY, return when all are closed).
 //! Two differences: hyper's limit on streams a client makes the server reset (1 024 a connection,
 //! against reset floods) is kept, which tonic lifted; and on one worker a connection's streams are
-//! run where it reads them and their answers written together ([`Streams`]), where tonic spawns a
+//! run where it reads them and their answers written together (`Streams`), where tonic spawns a
 //! task for each.
 
 use std::convert::Infallible;

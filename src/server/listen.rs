@@ -20,7 +20,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -96,10 +96,10 @@ where
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
-                result = drive(connection.as_mut(), &streams) => return finished(result),
+                result = drive(connection.as_mut(), &streams, HOLD) => return finished(result),
                 _ = stopped.wait_for(|s| *s) => connection.as_mut().graceful_shutdown(),
             }
-            finished(drive(connection.as_mut(), &streams).await);
+            finished(drive(connection.as_mut(), &streams, HOLD).await);
         });
     }
     drop(listener);
@@ -170,11 +170,18 @@ fn lock(queue: &Mutex<Vec<Stream>>) -> std::sync::MutexGuard<'_, Vec<Stream>> {
 /// it yields to the runtime's other tasks.
 const ROUNDS_PER_POLL: usize = 16;
 
+/// How long after a write the answers finished since are held for the rest of their batch: warm
+/// checks (a few microseconds each) go out together, while checks that each take longer (a
+/// signature to verify, tens of microseconds) are written as they finish, so Envoy is not left
+/// waiting for a batch of them.
+const HOLD: Duration = Duration::from_micros(20);
+
 /// Polls `connection` until it is done. With `Streams::Batch`, each time the connection has read
-/// all it could, runs the streams it accepted (see [`Streams`]): the first one, then the
-/// connection again so that the first answer is written while the others are worked out (Envoy
-/// starts on it at once), then the rest, whose answers the next round writes together.
-async fn drive<C: Future>(mut connection: Pin<&mut C>, streams: &Streams) -> C::Output {
+/// all it could, runs the streams it accepted (see [`Streams`]). The first answer is written at
+/// once, so Envoy starts on it while the others are worked out; after that, an answer is written
+/// as it finishes if the last write is `hold` old ([`HOLD`] when serving), and the rest go out
+/// together when the batch is done.
+async fn drive<C: Future>(mut connection: Pin<&mut C>, streams: &Streams, hold: Duration) -> C::Output {
     let Streams::Batch(queue) = streams else {
         return connection.await;
     };
@@ -186,20 +193,26 @@ async fn drive<C: Future>(mut connection: Pin<&mut C>, streams: &Streams) -> C::
                 return Poll::Ready(done);
             }
             std::mem::swap(&mut *lock(queue), &mut batch);
-            let mut accepted = batch.drain(..);
-            let Some(first) = accepted.next() else {
+            if batch.is_empty() {
                 return Poll::Pending;
-            };
-            if first_poll(first)
-                && accepted.len() > 0
-                && let Poll::Ready(done) = connection.as_mut().poll(cx)
-            {
-                spawn_all(accepted);
-                spawn_all(lock(queue).drain(..));
-                return Poll::Ready(done);
             }
-            for stream in accepted {
-                first_poll(stream);
+            let mut accepted = batch.drain(..);
+            let mut written: Option<Instant> = None;
+            while let Some(stream) = accepted.next() {
+                // The batch's last answer is written by the next round's poll of the connection.
+                if !first_poll(stream) || accepted.len() == 0 {
+                    continue;
+                }
+                let now = Instant::now();
+                if written.is_some_and(|at| now.duration_since(at) < hold) {
+                    continue;
+                }
+                written = Some(now);
+                if let Poll::Ready(done) = connection.as_mut().poll(cx) {
+                    spawn_all(accepted);
+                    spawn_all(lock(queue).drain(..));
+                    return Poll::Ready(done);
+                }
             }
         }
         // More keeps arriving: let other connections and timers run before the next round.
@@ -319,16 +332,31 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn the_first_answer_is_written_before_the_rest_of_its_batch_runs() {
+    /// The order of reads/writes (`connection`) and streams when `drive` runs a batch of three.
+    async fn order(hold: Duration) -> Vec<String> {
         let log = Log::default();
         let streams = Streams::Batch(Arc::default());
         let conn = std::pin::pin!(connection(3, streams.clone(), log.clone()));
-        tokio::time::timeout(Duration::from_secs(5), drive(conn, &streams)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), drive(conn, &streams, hold)).await.unwrap();
+        log.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn the_first_answer_is_written_before_the_rest_of_its_batch_runs() {
         // Read (and accept three), run the first, write its answer, run the other two, write theirs.
         assert_eq!(
-            *log.lock().unwrap(),
+            order(Duration::MAX).await,
             ["connection", "stream 0", "connection", "stream 1", "stream 2", "connection"]
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_of_slow_checks_are_written_as_they_finish() {
+        // Each answer found the last write older than the hold: written at once (the last by
+        // the round's closing poll).
+        assert_eq!(
+            order(Duration::ZERO).await,
+            ["connection", "stream 0", "connection", "stream 1", "connection", "stream 2", "connection"]
         );
     }
 
@@ -350,7 +378,7 @@ mod tests {
             }
             Poll::Ready(())
         }));
-        drive(conn, &streams).await;
+        drive(conn, &streams, HOLD).await;
         tokio::time::timeout(Duration::from_secs(5), finished).await.expect("the stream runs").unwrap();
         assert_eq!(*log.lock().unwrap(), ["connection"]);
     }
@@ -366,7 +394,7 @@ mod tests {
         let log = Log::default();
         let streams = Streams::Spawn;
         let conn = std::pin::pin!(connection(0, streams.clone(), log.clone()));
-        drive(conn, &streams).await;
+        drive(conn, &streams, HOLD).await;
         let (done, finished) = oneshot::channel();
         streams.execute(async move {
             let _ = done.send(tokio::runtime::Handle::current().metrics().num_alive_tasks());

@@ -136,7 +136,7 @@ fn one_worker() -> bool {
 /// connection has read everything the socket held; [`drive`] then polls it once right there and
 /// spawns it only if it did not finish. A warm check finishes at that poll (its request's DATA
 /// frame has been read by then), so the answers to what Envoy sent in one write go back in one or
-/// two writes. As tasks, each check was woken into tokio's LIFO slot with the connection right
+/// two writes ([`drive`] says when a batch is written). As tasks, each check was woken into tokio's LIFO slot with the connection right
 /// behind it, and every answer was a `writev` of its own for subguard and a read for Envoy
 /// (docs/benchmarks.md, item 23).
 #[derive(Clone)]

@@ -96,10 +96,10 @@ where
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
-                result = drive(connection.as_mut(), &streams, HOLD) => return finished(result),
+                result = drive(connection.as_mut(), &streams, SLOW) => return finished(result),
                 _ = stopped.wait_for(|s| *s) => connection.as_mut().graceful_shutdown(),
             }
-            finished(drive(connection.as_mut(), &streams, HOLD).await);
+            finished(drive(connection.as_mut(), &streams, SLOW).await);
         });
     }
     drop(listener);
@@ -135,10 +135,10 @@ fn one_worker() -> bool {
 /// `Batch` (one worker, subguard's default): a stream waits in the connection's queue until the
 /// connection has read everything the socket held; [`drive`] then polls it once right there and
 /// spawns it only if it did not finish. A warm check finishes at that poll (its request's DATA
-/// frame has been read by then), so the answers to what Envoy sent in one write go back in one or
-/// two writes ([`drive`] says when a batch is written). As tasks, each check was woken into tokio's LIFO slot with the connection right
-/// behind it, and every answer was a `writev` of its own for subguard and a read for Envoy
-/// (docs/benchmarks.md, item 23).
+/// frame has been read by then), so the answers to what Envoy sent in one write go back in two
+/// writes ([`drive`] says when a batch is written). As tasks, each check was woken into tokio's
+/// LIFO slot with the connection right behind it, and every answer was a `writev` of its own for
+/// subguard and a read for Envoy (docs/benchmarks.md, items 23 and 24).
 #[derive(Clone)]
 enum Streams {
     Spawn,
@@ -170,18 +170,19 @@ fn lock(queue: &Mutex<Vec<Stream>>) -> std::sync::MutexGuard<'_, Vec<Stream>> {
 /// it yields to the runtime's other tasks.
 const ROUNDS_PER_POLL: usize = 16;
 
-/// How long after a write the answers finished since are held for the rest of their batch: warm
-/// checks (a few microseconds each) go out together, while checks that each take longer (a
-/// signature to verify, tens of microseconds) are written as they finish, so Envoy is not left
-/// waiting for a batch of them.
-const HOLD: Duration = Duration::from_micros(20);
+/// How long a check's own run must take for its answer to be written as soon as it finishes.
+/// Warm checks (a few microseconds each) are written together at the end of their batch, whatever
+/// its length; a check that verified a signature (tens of microseconds) is written at once, so
+/// Envoy is not left waiting for a batch of them. It is each check's own time, not the time since
+/// the last write: a long batch of warm checks, or one the kernel paused, stays one write.
+const SLOW: Duration = Duration::from_micros(15);
 
 /// Polls `connection` until it is done. With `Streams::Batch`, each time the connection has read
 /// all it could, runs the streams it accepted (see [`Streams`]). The first answer is written at
 /// once, so Envoy starts on it while the others are worked out; after that, an answer is written
-/// as it finishes if the last write is `hold` old ([`HOLD`] when serving), and the rest go out
-/// together when the batch is done.
-async fn drive<C: Future>(mut connection: Pin<&mut C>, streams: &Streams, hold: Duration) -> C::Output {
+/// as it finishes if its check ran for `slow` or longer ([`SLOW`] when serving), and the rest go
+/// out together when the batch is done.
+async fn drive<C: Future>(mut connection: Pin<&mut C>, streams: &Streams, slow: Duration) -> C::Output {
     let Streams::Batch(queue) = streams else {
         return connection.await;
     };
@@ -197,17 +198,14 @@ async fn drive<C: Future>(mut connection: Pin<&mut C>, streams: &Streams, hold: 
                 return Poll::Pending;
             }
             let mut accepted = batch.drain(..);
-            let mut written: Option<Instant> = None;
+            let mut written = false;
             while let Some(stream) = accepted.next() {
+                let started = Instant::now();
                 // The batch's last answer is written by the next round's poll of the connection.
-                if !first_poll(stream) || accepted.len() == 0 {
+                if !first_poll(stream) || accepted.len() == 0 || (written && started.elapsed() < slow) {
                     continue;
                 }
-                let now = Instant::now();
-                if written.is_some_and(|at| now.duration_since(at) < hold) {
-                    continue;
-                }
-                written = Some(now);
+                written = true;
                 if let Poll::Ready(done) = connection.as_mut().poll(cx) {
                     spawn_all(accepted);
                     spawn_all(lock(queue).drain(..));
@@ -314,17 +312,21 @@ mod tests {
         assert!(first_poll(Box::pin(async {})));
     }
 
-    /// A connection stand-in: at its first poll it accepts `streams` streams (each logs that it
-    /// ran and finishes at once), and it ends once all have run.
-    fn connection(streams: usize, executor: Streams, log: Log) -> impl Future<Output = ()> {
+    /// A connection stand-in: at its first poll it accepts one stream per entry of `costs` (each
+    /// works for its cost, logs that it ran and finishes), and it ends once all have run.
+    fn connection(costs: Vec<Duration>, executor: Streams, log: Log) -> impl Future<Output = ()> {
         let mut accepted = false;
+        let streams = costs.len();
         std::future::poll_fn(move |_| {
             note(&log, "connection");
             if !accepted {
                 accepted = true;
-                for i in 0..streams {
+                for (i, cost) in costs.iter().copied().enumerate() {
                     let log = log.clone();
-                    executor.execute(async move { note(&log, format!("stream {i}")) });
+                    executor.execute(async move {
+                        std::thread::sleep(cost);
+                        note(&log, format!("stream {i}"));
+                    });
                 }
             }
             let ran = log.lock().unwrap().iter().filter(|l| l.starts_with("stream")).count();
@@ -332,31 +334,59 @@ mod tests {
         })
     }
 
-    /// The order of reads/writes (`connection`) and streams when `drive` runs a batch of three.
-    async fn order(hold: Duration) -> Vec<String> {
+    /// The order of reads/writes (`connection`) and streams when `drive` runs a batch of checks
+    /// that cost `costs`.
+    async fn order(costs: &[Duration], slow: Duration) -> Vec<String> {
         let log = Log::default();
         let streams = Streams::Batch(Arc::default());
-        let conn = std::pin::pin!(connection(3, streams.clone(), log.clone()));
-        tokio::time::timeout(Duration::from_secs(5), drive(conn, &streams, hold)).await.unwrap();
+        let conn = std::pin::pin!(connection(costs.to_vec(), streams.clone(), log.clone()));
+        tokio::time::timeout(Duration::from_secs(5), drive(conn, &streams, slow)).await.unwrap();
         log.lock().unwrap().clone()
     }
+
+    const QUICK: [Duration; 3] = [Duration::ZERO; 3];
+    const MS: Duration = Duration::from_millis(1);
 
     #[tokio::test]
     async fn the_first_answer_is_written_before_the_rest_of_its_batch_runs() {
         // Read (and accept three), run the first, write its answer, run the other two, write theirs.
         assert_eq!(
-            order(Duration::MAX).await,
+            order(&QUICK, Duration::MAX).await,
             ["connection", "stream 0", "connection", "stream 1", "stream 2", "connection"]
         );
     }
 
     #[tokio::test]
     async fn answers_of_slow_checks_are_written_as_they_finish() {
-        // Each answer found the last write older than the hold: written at once (the last by
-        // the round's closing poll).
+        // Every check took at least the limit: each answer written at once (the last by the
+        // round's closing poll).
         assert_eq!(
-            order(Duration::ZERO).await,
+            order(&QUICK, Duration::ZERO).await,
             ["connection", "stream 0", "connection", "stream 1", "connection", "stream 2", "connection"]
+        );
+        // Only the slow one among quick ones.
+        assert_eq!(
+            order(&[Duration::ZERO, Duration::ZERO, 60 * MS, Duration::ZERO, Duration::ZERO], 50 * MS).await,
+            [
+                "connection",
+                "stream 0",
+                "connection",
+                "stream 1",
+                "stream 2",
+                "connection",
+                "stream 3",
+                "stream 4",
+                "connection"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_long_batch_of_quick_checks_is_written_at_its_end() {
+        // Together they take longer than the limit, none of them alone does.
+        assert_eq!(
+            order(&[Duration::ZERO, 30 * MS, 30 * MS, 30 * MS], 50 * MS).await,
+            ["connection", "stream 0", "connection", "stream 1", "stream 2", "stream 3", "connection"]
         );
     }
 
@@ -378,7 +408,7 @@ mod tests {
             }
             Poll::Ready(())
         }));
-        drive(conn, &streams, HOLD).await;
+        drive(conn, &streams, SLOW).await;
         tokio::time::timeout(Duration::from_secs(5), finished).await.expect("the stream runs").unwrap();
         assert_eq!(*log.lock().unwrap(), ["connection"]);
     }
@@ -393,8 +423,8 @@ mod tests {
         assert!(!one_worker());
         let log = Log::default();
         let streams = Streams::Spawn;
-        let conn = std::pin::pin!(connection(0, streams.clone(), log.clone()));
-        drive(conn, &streams, HOLD).await;
+        let conn = std::pin::pin!(connection(Vec::new(), streams.clone(), log.clone()));
+        drive(conn, &streams, SLOW).await;
         let (done, finished) = oneshot::channel();
         streams.execute(async move {
             let _ = done.send(tokio::runtime::Handle::current().metrics().num_alive_tasks());

@@ -65,8 +65,8 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if req.uri().path() != CHECK_PATH {
-            // Another method of this service: UNIMPLEMENTED, as generated servers answer.
-            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+            // Another method of this service.
+            return unimplemented();
         }
         let method = CheckMethod(self.state.clone());
         let deadline = req
@@ -204,9 +204,15 @@ where
         match service_of(req.uri().path()) {
             Some(AuthorizationService::NAME) => self.authz.call(req),
             Some(name) if name == H::NAME => self.health.call(req),
-            _ => Box::pin(async { Ok(Status::unimplemented("").into_http()) }),
+            _ => unimplemented(),
         }
     }
+}
+
+/// The answer to a method or service subguard does not serve: UNIMPLEMENTED, as generated servers
+/// answer.
+fn unimplemented() -> BoxFuture<http::Response<tonic::body::Body>, Infallible> {
+    Box::pin(async { Ok(Status::unimplemented("").into_http()) })
 }
 
 struct CheckMethod(Arc<State>);

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Side-by-side load harness: subguard against Envoy's own jwt_authn and a do-nothing Check server.
 
-One Envoy (`--concurrency 1`) holds six listeners (and floor_b, below) on 127.0.0.1, each answering `direct_response`
-200, so the only difference between them is how a request is authorized:
+One Envoy (`--concurrency 1`) holds seven listeners (and floor_b, below) on 127.0.0.1, each answering
+`direct_response` 200, so the only difference between them is how a request is authorized:
 
     noauth      no auth filter                                        (the baseline)
     jwt_authn   Envoy's in-process jwt_authn, JWKS inline, jwt_cache_config on
@@ -10,6 +10,10 @@ One Envoy (`--concurrency 1`) holds six listeners (and floor_b, below) on 127.0.
     floor_uds   ext_authz (gRPC, Unix socket) -> a second floor server: the floor for sg_uds, and
                 the floor against itself, which shows how far two identical servers differ in
                 one run (the resolution of every "vs floor" ratio)
+    floor_id    ext_authz (gRPC, TCP) -> a third floor server that still reads nothing but answers
+                what subguard answers the warm token (FLOOR_ANSWER=identity: three identity
+                headers, five dynamic-metadata entries, SPEC section 3): what Envoy spends on the
+                contract's answer, apart from what subguard spends deciding it
     sg_tcp      ext_authz (gRPC, TCP) -> subguard, quickstart config, file directory, RS256
     sg_uds      ext_authz (gRPC, Unix socket) -> a second subguard, same config
 
@@ -26,7 +30,7 @@ round, so machine drift hits all of them alike):
                 and looks up a different user
     paired      the floors and subguard loaded at the same time (wrk per listener, closed loop):
                 noise in a round lands on all alike, and each authorization server's CPU per
-                check is compared with its floor's within the round; a seventh listener,
+                check is compared with its floor's within the round; an eighth listener,
                 floor_b (a second floor over TCP, in this pass only), is the control
 
 Then memory and start-up: subguard's time from spawn to `/readyz` 200 and its RSS (VmRSS) with
@@ -99,9 +103,9 @@ TOKEN_TTL = 4 * 3600
 # The users-file size issue 7 sets its memory target at.
 TARGET_USERS = 100_000
 
-LISTENERS = ["noauth", "jwt_authn", "floor", "floor_uds", "sg_tcp", "sg_uds"]
-AUTH_SERVER = {"floor": "floor", "floor_uds": "floor_uds", "floor_b": "floor_b", "sg_tcp": "sg_tcp",
-               "sg_uds": "sg_uds"}  # listener -> process
+LISTENERS = ["noauth", "jwt_authn", "floor", "floor_uds", "floor_id", "sg_tcp", "sg_uds"]
+AUTH_SERVER = {"floor": "floor", "floor_uds": "floor_uds", "floor_b": "floor_b", "floor_id": "floor_id",
+               "sg_tcp": "sg_tcp", "sg_uds": "sg_uds"}  # listener -> process
 # The paired pass loads these at the same time; floor_b is a second floor over TCP, the control.
 PAIRED = ["floor", "floor_b", "sg_tcp", "floor_uds", "sg_uds"]
 FLOOR_OF = {"sg_tcp": "floor", "sg_uds": "floor_uds"}  # subguard listener -> the floor on its transport
@@ -257,14 +261,14 @@ class Ports:
 
     def __getattr__(self, name: str) -> int:
         offsets = {"envoy_admin": 0, "noauth": 1, "jwt_authn": 2, "floor": 3, "sg_tcp": 4, "sg_uds": 5, "floor_uds": 6,
-                   "floor_b": 7, "floor_b_grpc": 8, "floor_grpc": 10, "sg_tcp_grpc": 11, "sg_tcp_admin": 12, "sg_uds_admin": 13,
-                   "sg_small_grpc": 14, "sg_small_admin": 15}
+                   "floor_b": 7, "floor_b_grpc": 8, "floor_id": 9, "floor_grpc": 10, "sg_tcp_grpc": 11, "sg_tcp_admin": 12,
+                   "sg_uds_admin": 13, "sg_small_grpc": 14, "sg_small_admin": 15, "floor_id_grpc": 16}
         if name not in offsets:
             raise AttributeError(name)
         return self.base + offsets[name]
 
     def all(self) -> list[int]:
-        return [self.base + o for o in (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15)]
+        return [self.base + o for o in range(17)]
 
 
 def envoy_bootstrap(ports: Ports, uds: pathlib.Path, floor_uds: pathlib.Path) -> dict:
@@ -299,6 +303,7 @@ def envoy_bootstrap(ports: Ports, uds: pathlib.Path, floor_uds: pathlib.Path) ->
 
     filters = {"noauth": [], "jwt_authn": [jwt_authn], "floor": [ext_authz("floor")],
                "floor_uds": [ext_authz("floor_uds")], "floor_b": [ext_authz("floor_b")],
+               "floor_id": [ext_authz("floor_id")],
                "sg_tcp": [ext_authz("subguard_tcp")],
                "sg_uds": [ext_authz("subguard_uds")]}
 
@@ -346,6 +351,7 @@ def envoy_bootstrap(ports: Ports, uds: pathlib.Path, floor_uds: pathlib.Path) ->
             "clusters": [grpc_cluster("floor", tcp(ports.floor_grpc)),
                          grpc_cluster("floor_uds", {"pipe": {"path": str(floor_uds)}}),
                          grpc_cluster("floor_b", tcp(ports.floor_b_grpc)),
+                         grpc_cluster("floor_id", tcp(ports.floor_id_grpc)),
                          grpc_cluster("subguard_tcp", tcp(ports.sg_tcp_grpc)),
                          grpc_cluster("subguard_uds", {"pipe": {"path": str(uds)}})],
         },
@@ -955,6 +961,7 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
     w("")
 
     sg = lambda l, base="floor": sat[l] / sat[base]  # noqa: E731
+    envoy_cpu = lambda l: med([r.cpu_per_request_us("envoy") for r in by("saturation", l)])  # noqa: E731
 
     def p99_vs(l: str, base: str = "floor") -> str:
         fl = added[base]["p99"]
@@ -962,8 +969,10 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
 
     w("## Against the targets of issue 7\n")
     w("sg_uds is given against the floor over TCP, as the issue names it, and in brackets against the floor over a "
-      "Unix socket. The last row is the floor against itself (floor_uds against floor): how far two servers that do "
-      "the same thing differ in this run, the resolution of the two rows above it.\n")
+      "Unix socket. The floor against itself (floor_uds against floor) is how far two servers that do "
+      "the same thing differ in this run, the resolution of the two rows above it. floor_id answers what subguard "
+      "answers without deciding anything: subguard against floor_id is what deciding costs, floor_id against floor "
+      "what Envoy spends on the answer SPEC section 3 asks for.\n")
     w("| target | sg_tcp | sg_uds |\n|---|---:|---:|")
     w(f"| warm throughput ≥ 1.0× the floor server | {fmt_ratio(sg('sg_tcp'))} | {fmt_ratio(sg('sg_uds'))} "
       f"({fmt_ratio(sg('sg_uds', 'floor_uds'))}) |")
@@ -982,6 +991,10 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
               f"{small['ready_ms'].split(' (')[0]} (quickstart users) | {next((m['ready_ms'] for m in memory if m['name'] == 'sg_uds'), '–')} |")
     w(f"| the floor against itself: floor_uds vs floor | throughput {fmt_ratio(sg('floor_uds'))}, "
       f"added p99 {p99_vs('floor_uds')} | |")
+    w(f"| (not a target) against the floor answering what subguard answers (floor_id, TCP) | throughput "
+      f"{fmt_ratio(sg('sg_tcp', 'floor_id'))}, added p99 {p99_vs('sg_tcp', 'floor_id')} | |")
+    w(f"| (not a target) the contract's answer alone: floor_id vs floor | throughput {fmt_ratio(sg('floor_id'))}, "
+      f"added p99 {p99_vs('floor_id')}, Envoy CPU per request {fmt_ratio(envoy_cpu('floor_id') / envoy_cpu('floor'))} | |")
     pv = lambda l: fmt_ratio(med(paired_vs[l])) if paired_vs.get(l) else "–"  # noqa: E731
     w(f"| (not a target) auth server CPU per check vs the floor, paired | {pv('sg_tcp')} | {pv('sg_uds')} (floor_uds) |")
     w(f"| the floor against itself, paired: floor_b vs floor | CPU per check {pv('floor_b')} | |")
@@ -1100,6 +1113,8 @@ def main_run(args: argparse.Namespace) -> int:
         wait_listening(procs, "floor_uds", floor_uds)
         procs.start("floor_b", [str(floor), str(ports.floor_b_grpc)])
         wait_listening(procs, "floor_b", ports.floor_b_grpc)
+        procs.start("floor_id", [str(floor), str(ports.floor_id_grpc)], env={"FLOOR_ANSWER": "identity"})
+        wait_listening(procs, "floor_id", ports.floor_id_grpc)
         procs.start("envoy", [str(envoy), "-c", str(WORK / "envoy.json"), "--concurrency", "1",
                               "--disable-hot-restart", "--log-level", "warn"])
         wait_ready(procs, "envoy", ports.envoy_admin, "/ready")
@@ -1158,7 +1173,7 @@ def main_run(args: argparse.Namespace) -> int:
 
         stats = envoy_stats(ports)
         counters = {name: subguard_counters(getattr(ports, f"{name}_admin")) for name in ("sg_tcp", "sg_uds")}
-        for name in ("envoy", "floor", "floor_uds", "floor_b", "sg_tcp", "sg_uds"):
+        for name in ("envoy", "floor", "floor_uds", "floor_b", "floor_id", "sg_tcp", "sg_uds"):
             if procs.started[name].poll() is not None:
                 raise SetupError(f"{name} exited during the run:\n{procs.tail(name)}")
     finally:
@@ -1218,7 +1233,7 @@ def main() -> int:
     p.add_argument("--probe-users", type=int, default=0,
                    help="also try `subguard validate` on a users file this large (0: skip)")
     p.add_argument("--sweep-limit", type=float, default=300, help="upper bound of the final sweep, seconds (300)")
-    p.add_argument("--port-base", type=int, default=19100, help="ports base..base+15 on 127.0.0.1 (19100)")
+    p.add_argument("--port-base", type=int, default=19100, help="ports base..base+16 on 127.0.0.1 (19100)")
     p.add_argument("--envoy", default=str(ROOT / ".venv" / "bin" / "envoy"))
     p.add_argument("--cargo", default=os.environ.get("CARGO", "cargo"))
     p.add_argument("--no-build", action="store_true", help="use the release binaries already built")

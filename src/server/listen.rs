@@ -171,10 +171,10 @@ fn lock(queue: &Mutex<Vec<Stream>>) -> std::sync::MutexGuard<'_, Vec<Stream>> {
 const ROUNDS_PER_POLL: usize = 16;
 
 /// How long a check's own run must take for its answer to be written as soon as it finishes.
-/// Warm checks (a few microseconds each) are written together at the end of their batch, whatever
-/// its length; a check that verified a signature (tens of microseconds) is written at once, so
-/// Envoy is not left waiting for a batch of them. It is each check's own time, not the time since
-/// the last write: a long batch of warm checks, or one the kernel paused, stays one write.
+/// Warm checks (a few microseconds each) wait for the end of their batch, however long the batch
+/// is; a check that takes longer, usually a signature to verify, is written at once, so Envoy is
+/// not left waiting for a batch of them. It counts each check's own time, not the time since the
+/// last write, so a long batch of warm checks is still written in two.
 const SLOW: Duration = Duration::from_micros(15);
 
 /// Polls `connection` until it is done. With `Streams::Batch`, each time the connection has read

@@ -15,6 +15,11 @@
 //! against reset floods) is kept, which tonic lifted; and on one worker a connection's streams are
 //! run where it reads them and their answers written together (`Streams`), where tonic spawns a
 //! task for each.
+//!
+//! The windows, keepalive and TCP_NODELAY were measured against the alternatives (smaller and
+//! larger windows, hyper's adaptive window, no keepalive, Nagle's algorithm): only TCP_NODELAY
+//! changes anything, and without it an answer waits for the ACK of the one before
+//! (docs/benchmarks.md, "Tried and not taken").
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -422,6 +427,17 @@ mod tests {
         drive(conn, &streams, SLOW).await;
         tokio::time::timeout(Duration::from_secs(5), finished).await.expect("the stream runs").unwrap();
         assert_eq!(*log.lock().unwrap(), ["connection"]);
+    }
+
+    /// Without TCP_NODELAY an answer waits for the ACK of the one before it, which Envoy sends
+    /// with its next check: 4x the p99 at 1 000 req/s (docs/benchmarks.md).
+    #[tokio::test]
+    async fn accepted_tcp_connections_send_without_nagle_delay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (accepted, client) = tokio::join!(Listen::accept(&listener), client);
+        let (accepted, _client) = (accepted.unwrap(), client.unwrap());
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[tokio::test]

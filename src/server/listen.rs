@@ -430,7 +430,7 @@ mod tests {
     }
 
     /// Without TCP_NODELAY an answer waits for the ACK of the one before it, which Envoy sends
-    /// with its next check: 4x the p99 at 1 000 req/s (docs/benchmarks.md).
+    /// with its next check: 3.6x the p99 at 1 000 req/s (docs/benchmarks.md).
     #[tokio::test]
     async fn accepted_tcp_connections_send_without_nagle_delay() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

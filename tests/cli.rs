@@ -149,6 +149,48 @@ fn key_urls_must_be_https_except_on_loopback() {
 }
 
 #[test]
+fn directory_urls_that_would_send_every_lookup_to_one_url_are_refused() {
+    // A fragment is never sent, and a SCIM lookup appends `/Users...` to its base: after a `#` or a
+    // query, every sub would be the same request, and every user would resolve to one answer.
+    for (directory, path) in [
+        (r#"{kind: http, url: "http://127.0.0.1:1/users#{sub}"}"#, "directory.url"),
+        (r#"{kind: http, url: "http://127.0.0.1:1/users/{sub}#frag"}"#, "directory.url"),
+        (r#"{kind: scim, url: "http://127.0.0.1:1/scim/v2#"}"#, "directory.url"),
+        (r#"{kind: scim, url: "http://127.0.0.1:1/scim/v2?tenant=acme"}"#, "directory.url"),
+    ] {
+        let config =
+            GOOD.replace("directory:\n  kind: file\n  path: users.yaml", &format!("directory: {directory}"));
+        let dir = ConfigDir::with(&config, USERS);
+        let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(1), "{directory} must be refused: {}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with(path)), "{}", text(&out));
+    }
+}
+
+#[test]
+fn a_leeway_of_hours_is_refused_and_one_of_minutes_warned_about() {
+    let with_leeway = |s: u64| format!("{GOOD}token:\n  leeway_seconds: {s}\n");
+    let dir = ConfigDir::with(&with_leeway(86_400), USERS);
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("token.leeway_seconds")));
+
+    let dir = ConfigDir::with(&with_leeway(900), USERS);
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).lines().any(|l| l.starts_with("warning: token.leeway_seconds")),
+        "{}",
+        text(&out)
+    );
+
+    let dir = ConfigDir::with(&with_leeway(60), USERS);
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!text(&out).contains("leeway"), "{}", text(&out));
+}
+
+#[test]
 fn serve_refuses_an_invalid_config() {
     let dir = ConfigDir::with(&GOOD.replace("keys/issuer-a.jwks.json", "keys/missing.json"), USERS);
     let started = Instant::now();

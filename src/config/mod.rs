@@ -326,6 +326,11 @@ struct Loader {
     extra_files: Vec<PathBuf>,
 }
 
+/// `token.leeway_seconds` above this is refused: it would keep tokens alive for hours past `exp`.
+const MAX_LEEWAY_SECONDS: u64 = 3600;
+/// ... and above this it is accepted with a warning.
+const LEEWAY_WARN_SECONDS: u64 = 300;
+
 const TOP_LEVEL_KEYS: [&str; 12] = [
     "listen",
     "tenant",
@@ -455,6 +460,22 @@ impl Loader {
         if token_raw.max_bytes == 0 {
             self.err("token.max_bytes", "must be greater than 0");
         }
+        // The leeway widens every token's validity on both ends: a typo (`600000`) must not turn
+        // the exp / nbf / iat checks off, and minutes are already generous for clock skew.
+        if token_raw.leeway_seconds > MAX_LEEWAY_SECONDS {
+            self.err(
+                "token.leeway_seconds",
+                format!("must be at most {MAX_LEEWAY_SECONDS} (clock skew is seconds, not hours)"),
+            );
+        } else if token_raw.leeway_seconds > LEEWAY_WARN_SECONDS {
+            self.warnings.push(ConfigError::new(
+                "token.leeway_seconds",
+                format!(
+                    "{} s accepts tokens that long after they expire; clock skew rarely needs over {LEEWAY_WARN_SECONDS}",
+                    token_raw.leeway_seconds
+                ),
+            ));
+        }
         let token = TokenSettings {
             max_bytes: token_raw.max_bytes,
             leeway_seconds: token_raw.leeway_seconds,
@@ -462,6 +483,14 @@ impl Loader {
         };
         if keys_raw.refresh_seconds == 0 {
             self.err("keys.refresh_seconds", "must be greater than 0");
+        }
+        if keys_raw.min_refetch_seconds == 0 {
+            // The limit is what keeps made-up `kid`s from turning into one key fetch each; 0 is a
+            // choice (a local `jwks_file` is cheap to re-read), but worth a word.
+            self.warnings.push(ConfigError::new(
+                "keys.min_refetch_seconds",
+                "0: every token with an unknown kid re-fetches its issuer's keys, however many arrive",
+            ));
         }
         if keys_raw.fetch_timeout_ms == 0 {
             self.err("keys.fetch_timeout_ms", "must be greater than 0");
@@ -757,11 +786,17 @@ impl Loader {
                     };
                     let sample = url.replace("{tenant}", "tenant");
                     match reqwest::Url::parse(&sample) {
-                        Ok(u) if matches!(u.scheme(), "http" | "https") && !url.contains("{sub}") => {}
+                        // Lookups append `/Users...` to the base: after a query or a fragment
+                        // that path would not reach the server, and every sub would be one request.
+                        Ok(u)
+                            if matches!(u.scheme(), "http" | "https")
+                                && !url.contains("{sub}")
+                                && u.query().is_none()
+                                && u.fragment().is_none() => {}
                         _ => {
                             self.err(
                                 format!("{p}.url"),
-                                format!("`{url}` must be the SCIM base URL (http or https, no {{sub}}), e.g. https://idp.example.com/scim/v2"),
+                                format!("`{url}` must be the SCIM base URL (http or https, no {{sub}}, no query or fragment), e.g. https://idp.example.com/scim/v2"),
                             );
                             return None;
                         }

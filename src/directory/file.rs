@@ -377,7 +377,13 @@ fn checked(
             "a role must be non-empty and contain no comma or control character",
         ));
     }
-    // The id (or the sub standing in for it) becomes a request header upstream.
+    // The id (or the sub standing in for it) becomes a request header upstream: never an empty one.
+    if id == Some("") {
+        return Err(ConfigError::new(
+            format!("{}.id", at()),
+            "must not be empty (leave it out to forward the sub)",
+        ));
+    }
     let id = id.unwrap_or(sub);
     if id.chars().any(char::is_control) {
         return Err(ConfigError::new(format!("{}.id", at()), "must not contain control characters"));
@@ -916,6 +922,14 @@ globex:
             assert_eq!(errors(tenant), ["acme: must be a list of users"], "{tenant:?}");
         }
         // Tenants in name order, users in file order, whatever the order in the file.
+        // An empty id would forward an empty identity header: refused, in both readers.
+        for text in ["acme: [{sub: a, id: \"\"}]", r#"{"acme": [{"sub": "a", "id": ""}]}"#] {
+            assert_eq!(
+                errors(text),
+                ["acme[0].id: must not be empty (leave it out to forward the sub)"],
+                "{text}"
+            );
+        }
         assert_eq!(
             errors("zeta: [{sub: x}, {sub: x}, {sub: \"\"}]\nacme: [{sub: 1}]\nmid: 3"),
             [

@@ -65,6 +65,13 @@ impl UrlTemplate {
         if t.host_has_placeholder() {
             return Err(format!("`{template}`: placeholders are not allowed in the host"));
         }
+        // A fragment never leaves the client: `{sub}` there would send every lookup to one URL, and
+        // every user of the tenant would resolve to whatever that URL answers.
+        if url.fragment().is_some() {
+            return Err(format!(
+                "`{template}`: a URL fragment (`#...`) is never sent to the directory; put {{sub}} in the path or query"
+            ));
+        }
         Ok(t)
     }
 
@@ -228,6 +235,12 @@ fn request_error(e: &reqwest::Error) -> String {
     }
 }
 
+/// A `sub` of `.` or `..`: URL parsers (and some servers' routers, even percent-encoded) treat it
+/// as a path step, so such a sub is `user_not_found` without asking the directory (SPEC §2).
+pub fn is_path_step(sub: &str) -> bool {
+    sub == "." || sub == ".."
+}
+
 /// `kind: http`.
 #[derive(Debug)]
 pub struct HttpDirectory {
@@ -245,8 +258,7 @@ impl HttpDirectory {
     }
 
     pub async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, FetchError> {
-        // URL parsers treat these as path steps even when encoded by some servers' routers.
-        if sub == "." || sub == ".." {
+        if is_path_step(sub) {
             return Ok(Lookup::NotFound);
         }
         let url = self.url.render(tenant, sub);
@@ -295,6 +307,16 @@ mod tests {
         assert!(UrlTemplate::parse("http://{tenant}.users.internal/{sub}").is_err());
         assert!(UrlTemplate::parse("users/{sub}").is_err());
         assert!(UrlTemplate::parse("http://u.internal/q?tenant={tenant}&sub={sub}").is_ok());
+        // A fragment is not sent: `{sub}` there (or anything after a `#`) would make every lookup
+        // the same request.
+        for t in [
+            "http://u.internal/users#{sub}",
+            "http://u.internal/users/{sub}#x",
+            "http://u.internal/#{tenant}/{sub}",
+        ] {
+            let e = UrlTemplate::parse(t).unwrap_err();
+            assert!(e.contains("fragment"), "{t}: {e}");
+        }
     }
 
     #[test]

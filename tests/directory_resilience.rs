@@ -310,6 +310,12 @@ tenants:{acme}
         assert_unavailable(&ask_with(&mut client, "acme", &format!("while-open-{i}")).await);
     }
     assert_eq!(directory.total_requests(), 3, "no request reaches the directory while the breaker is open");
+    // A sub the directory is never asked about keeps its answer while the breaker is open: `.`
+    // and `..` are no user (SPEC §2), not a retryable outage.
+    for sub in [".", ".."] {
+        assert_reason(&ask_with(&mut client, "acme", sub).await, "user_not_found", 403);
+    }
+    assert_eq!(directory.total_requests(), 3);
 
     // Past the cool-down, still failing: one probe goes out, fails, and the breaker opens again.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -82,7 +82,8 @@ fn strip_port(authority: &str) -> Option<&str> {
         return None;
     }
     match authority.rsplit_once(':') {
-        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => Some(h),
+        // An empty port is no port (RFC 3986 §3.2.3).
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => Some(h),
         Some(_) => None,
         None => Some(authority),
     }
@@ -193,7 +194,9 @@ mod tests {
         assert_eq!(p.tenant(".api.example.com"), None);
         assert_eq!(p.tenant("a.b.api.example.com"), None);
         assert_eq!(p.tenant("acme.api.example.org"), None);
+        assert_eq!(p.tenant("acme.api.example.com:"), Some("acme".into()));
         assert_eq!(p.tenant("acme.api.example.com:x"), None);
+        assert_eq!(p.tenant("acme.api.example.com::443"), None);
         assert_eq!(p.tenant("[::1]:8080"), None);
         assert_eq!(p.tenant("xn--bcher-kva.api.example.com").as_deref(), Some("xn--bcher-kva"));
         assert_eq!(p.tenant("bücher.api.example.com"), None);

@@ -13,6 +13,8 @@ use crate::decision::Reason;
 ///
 /// No header, another scheme or an empty token is `missing_token`; a token with characters a
 /// compact JWS cannot contain (a comma from a repeated header, spaces, `+/=`) is `malformed_token`.
+/// Envoy joins a repeated `authorization` with commas: when any of the joined values is a Bearer
+/// one, the value is `malformed_token` whichever comes first (`Basic x,Bearer t`, `Bearer,Bearer t`).
 pub fn bearer(authorization: Option<&str>) -> Result<&str, Reason> {
     let value = authorization.ok_or(Reason::MissingToken)?.trim_matches(|c| c == ' ' || c == '\t');
     let (scheme, rest) = match value.split_once([' ', '\t']) {
@@ -20,6 +22,9 @@ pub fn bearer(authorization: Option<&str>) -> Result<&str, Reason> {
         None => (value, ""),
     };
     if !scheme.eq_ignore_ascii_case("bearer") {
+        if value.contains(',') && value.split(',').any(scheme_is_bearer) {
+            return Err(Reason::MalformedToken);
+        }
         return Err(Reason::MissingToken);
     }
     let token = rest.trim_start_matches([' ', '\t']);
@@ -30,6 +35,13 @@ pub fn bearer(authorization: Option<&str>) -> Result<&str, Reason> {
         return Err(Reason::MalformedToken);
     }
     Ok(token)
+}
+
+/// Whether one comma-separated part of a joined `authorization` names the Bearer scheme.
+fn scheme_is_bearer(part: &str) -> bool {
+    let part = part.trim_start_matches([' ', '\t']);
+    let scheme = part.split([' ', '\t']).next().unwrap_or("");
+    scheme.eq_ignore_ascii_case("bearer")
 }
 
 /// Whether every byte is one a compact JWS can hold: base64url and `.`. This runs over every
@@ -197,6 +209,13 @@ mod tests {
         assert_eq!(bearer(Some("Bearerx a.b.c")), Err(Reason::MissingToken));
         // Envoy joins repeated headers with a comma.
         assert_eq!(bearer(Some("Bearer a.b.c,Bearer d.e.f")), Err(Reason::MalformedToken));
+        // A repeated header, joined by Envoy, with a Bearer value anywhere in it.
+        assert_eq!(bearer(Some("Bearer,Bearer a.b.c")), Err(Reason::MalformedToken));
+        assert_eq!(bearer(Some("Basic abc,Bearer a.b.c")), Err(Reason::MalformedToken));
+        assert_eq!(bearer(Some("Basic abc, bearer a.b.c")), Err(Reason::MalformedToken));
+        // Another scheme's own commas are still just no Bearer token.
+        assert_eq!(bearer(Some("Digest username=\"a\", realm=\"b\"")), Err(Reason::MissingToken));
+        assert_eq!(bearer(Some("Basic abc,Basic def")), Err(Reason::MissingToken));
         assert_eq!(bearer(Some("Bearer a.b.c extra")), Err(Reason::MalformedToken));
         assert_eq!(bearer(Some("Bearer a+b/c=")), Err(Reason::MalformedToken));
     }

@@ -77,6 +77,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// An answer the backend gives without a request (a `sub` of `.` or `..` in a URL path): it
+    /// holds whatever state the breaker is in, so it is decided before the breaker is asked.
+    fn answer_without_asking(&self, sub: &str) -> Option<Lookup> {
+        match self {
+            Backend::File(_) => None,
+            Backend::Http(_) => http::is_path_step(sub).then_some(Lookup::NotFound),
+            Backend::Scim(s) => (s.sub_in_path() && http::is_path_step(sub)).then_some(Lookup::NotFound),
+        }
+    }
+
     async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, FetchError> {
         match self {
             Backend::File(f) => Ok(f.lookup(tenant, sub)),
@@ -224,6 +234,9 @@ impl Directory {
 
     /// A backend call that respects the breaker.
     async fn guarded_fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, DirectoryError> {
+        if let Some(known) = self.backend.answer_without_asking(sub) {
+            return Ok(known);
+        }
         let permit = self.breaker.acquire();
         match permit {
             Permit::Rejected => {

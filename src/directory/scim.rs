@@ -94,6 +94,11 @@ impl ScimDirectory {
         })
     }
 
+    /// Whether the sub is a path segment of the lookup's URL (`match: id`), not a filter value.
+    pub fn sub_in_path(&self) -> bool {
+        self.match_by == ScimMatch::Id
+    }
+
     /// The request made for one lookup.
     pub fn url(&self, tenant: &str, sub: &str) -> String {
         let base = self.base.replace("{tenant}", &encode_component(tenant));
@@ -112,7 +117,7 @@ impl ScimDirectory {
     }
 
     pub async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, FetchError> {
-        if self.match_by == ScimMatch::Id && (sub == "." || sub == "..") {
+        if self.sub_in_path() && super::http::is_path_step(sub) {
             return Ok(Lookup::NotFound);
         }
         let url = self.url(tenant, sub);

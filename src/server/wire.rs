@@ -144,7 +144,8 @@ impl<'a> EnvoyRequest<'a> {
     }
 
     pub fn request_id(&self) -> Option<&str> {
-        self.header("x-request-id").map(|id| truncate(id, MAX_REQUEST_ID))
+        // An empty header names no request: the body says `null`, as for none.
+        self.header("x-request-id").filter(|id| !id.is_empty()).map(|id| truncate(id, MAX_REQUEST_ID))
     }
 }
 
@@ -408,5 +409,25 @@ mod tests {
             }),
         };
         assert_eq!(EnvoyRequest::new(&wire).request_id(), Some("a".repeat(127).as_str()));
+    }
+
+    #[test]
+    fn an_empty_request_id_is_none() {
+        let with = |id: &str| CheckRequest {
+            attributes: Some(super::AttributeContext {
+                request: Some(super::Request {
+                    http: Some(super::HttpRequest {
+                        headers: vec![Entry {
+                            key: "x-request-id".into(),
+                            value: id.to_string().into_bytes().into(),
+                        }],
+                        ..Default::default()
+                    }),
+                }),
+                context_extensions: Vec::new(),
+            }),
+        };
+        assert_eq!(EnvoyRequest::new(&with("")).request_id(), None);
+        assert_eq!(EnvoyRequest::new(&with("r-1")).request_id(), Some("r-1"));
     }
 }

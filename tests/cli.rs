@@ -243,6 +243,46 @@ async fn sigterm_lets_in_flight_checks_finish() {
     assert_eq!(sg.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
+#[tokio::test]
+async fn a_health_watch_does_not_hold_shutdown() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    // A mesh health checker keeps a Watch open for the life of the pod. At SIGTERM it is told
+    // NOT_SERVING, and the call ends: the drain waits for checks, not for watchers.
+    let sg = Subguard::start(&format!("shutdown_grace_seconds: 30\n{GOOD}"), USERS);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sg.grpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest { service: "envoy.service.auth.v3.Authorization".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+
+    let signalled = Instant::now();
+    sg.signal("TERM");
+    let next = watch.message().await.unwrap().unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    let end = tokio::time::timeout(Duration::from_secs(10), watch.message()).await;
+    assert!(matches!(end, Ok(Ok(None))), "the Watch ends after NOT_SERVING: {end:?}");
+    // Waited for off the runtime: the client's connection (still open, as a checker's would be)
+    // must keep answering the server's GOAWAY handshake meanwhile.
+    let (code, sg) = tokio::task::spawn_blocking(move || {
+        let mut sg = sg;
+        (sg.wait_exit(Duration::from_secs(20)), sg)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{}", sg.logs().join("\n"));
+    assert!(signalled.elapsed() < Duration::from_secs(20), "exited well inside the 30 s grace");
+    let logs = sg.logs().join("\n");
+    assert!(!logs.contains("grace period over"), "no check was in flight:\n{logs}");
+}
+
 #[test]
 fn logs_are_json_lines_by_default_and_text_on_request() {
     let sg = Subguard::start(GOOD, USERS);

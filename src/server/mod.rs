@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod answer;
 pub mod grpc;
+pub mod health;
 pub mod listen;
 pub mod reload;
 pub mod wire;
@@ -18,7 +19,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
-use tonic_health::ServingStatus;
 
 use crate::check::Policy;
 use crate::config::{Config, ListenAddr};
@@ -111,9 +111,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     // report ready, so no change made after that is missed.
     let reloader = reload::spawn(state.clone(), config_path, baseline);
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
+    let (health, health_service) = health::HealthState::new();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     // The admin listener stops only after the gRPC drain, so probes keep seeing "not ready" (503)
@@ -181,9 +179,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             loop {
                 let ready = state.is_ready();
                 if ready != serving {
-                    let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-                    health.set_service_status("", status).await;
-                    health.set_service_status(AUTHZ_SERVICE, status).await;
+                    health.set_ready(ready);
                     tracing::info!(ready, "readiness changed");
                     serving = ready;
                 }
@@ -202,8 +198,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     );
     state.shutting_down.store(true, Ordering::Release);
     watcher.abort();
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
+    // NOT_SERVING, and every health Watch ends: the drain waits for checks, not for watchers.
+    health.stop();
     let _ = stop_tx.send(true);
 
     let drained = tokio::time::timeout(grace, grpc_task).await;

@@ -191,6 +191,33 @@ fn a_leeway_of_hours_is_refused_and_one_of_minutes_warned_about() {
 }
 
 #[test]
+fn validate_warns_when_no_key_fits_the_issuers_algorithms() {
+    // A JWKS of RSA keys only: an ES256-only issuer could never verify a token.
+    let es_only = GOOD
+        .replace(r#"algorithms: ["RS256"]"#, r#"algorithms: ["ES256"]"#)
+        .replace("keys/issuer-a.jwks.json", "keys/rsa-only.json");
+    let dir = ConfigDir::with(&es_only, USERS);
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("keys/issuer-a.jwks.json")).unwrap())
+            .unwrap();
+    let rsa: Vec<_> = all["keys"].as_array().unwrap().iter().filter(|k| k["kty"] == "RSA").cloned().collect();
+    dir.write("keys/rsa-only.json", &json!({ "keys": rsa }).to_string());
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "a warning, not an error: {}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().any(|l| l
+            .starts_with("warning: tenants.acme.issuers[0].jwks_file: no key in the file can verify")
+            && l.contains("ES256")),
+        "{}",
+        text(&out)
+    );
+    let dir = ConfigDir::with(GOOD, USERS);
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert!(!text(&out).contains("no key in the file"), "{}", text(&out));
+}
+
+#[test]
 fn serve_refuses_an_invalid_config() {
     let dir = ConfigDir::with(&GOOD.replace("keys/issuer-a.jwks.json", "keys/missing.json"), USERS);
     let started = Instant::now();

@@ -124,6 +124,7 @@ impl Policy {
                         keys: reused.unwrap_or_else(|| {
                             Arc::new(KeyStore::new(
                                 iss,
+                                ic.algorithms.clone(),
                                 ic.keys.clone(),
                                 config.keys,
                                 client.clone(),
@@ -179,6 +180,9 @@ impl Policy {
             return None;
         }
         let old = self.tenants.get(tenant)?.issuer(&wanted.issuer)?;
+        if old.algorithms != wanted.algorithms {
+            return None;
+        }
         let same = match (old.keys.source(), &wanted.keys) {
             (KeySource::Uri(a), KeySource::Uri(b)) => a == b,
             (KeySource::Discovery, KeySource::Discovery) => true,

@@ -1127,6 +1127,15 @@ impl Loader {
                                 format!("key skipped: {skipped}"),
                             ));
                         }
+                        if !algorithms.is_empty() && set.fits_none(&algorithms) {
+                            self.warnings.push(ConfigError::new(
+                                format!("{ip}.jwks_file"),
+                                format!(
+                                    "no key in the file can verify any of the issuer's algorithms ({}): its tokens will be unsupported_algorithm or unknown_key",
+                                    names.join(", ")
+                                ),
+                            ));
+                        }
                         KeySource::File { path, initial: Arc::new(set) }
                     }
                     Err(e) => {

@@ -198,6 +198,12 @@ impl KeySet {
         Ok(KeySet { keys, skipped, fetched_at: SystemTime::now() })
     }
 
+    /// Whether no key of the set can verify any of `algorithms`: every token of such an issuer
+    /// is `unsupported_algorithm` (its `kid` names a key of another type) or `unknown_key`.
+    pub fn fits_none(&self, algorithms: &[Algorithm]) -> bool {
+        !self.keys.iter().any(|k| algorithms.iter().any(|&a| k.accepts(a)))
+    }
+
     /// Finds the keys that may verify a token with this `kid` and `alg`.
     pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> KeyMatch<'_> {
         match kid {
@@ -348,6 +354,8 @@ pub struct KeyStore {
     /// When the last on-demand (unknown `kid`) fetch started; the lock also coalesces concurrent
     /// misses into one fetch. Held across the fetch, but only ever on the miss path.
     last_refetch: tokio::sync::Mutex<Option<Instant>>,
+    /// The issuer's algorithms, to warn when a fetched set has no key for any of them.
+    algorithms: Vec<Algorithm>,
     /// Where the keys last came from (a JWKS URL after discovery), for logs and `explain`.
     resolved_from: ArcSwapOption<String>,
     metrics: Arc<Metrics>,
@@ -364,6 +372,7 @@ impl std::fmt::Debug for KeyStore {
 impl KeyStore {
     pub fn new(
         issuer: Arc<str>,
+        algorithms: Vec<Algorithm>,
         source: KeySource,
         settings: KeySettings,
         client: reqwest::Client,
@@ -375,6 +384,7 @@ impl KeyStore {
         };
         KeyStore {
             issuer,
+            algorithms,
             source,
             settings,
             client,
@@ -416,6 +426,14 @@ impl KeyStore {
             Ok(set) => {
                 for s in &set.skipped {
                     tracing::warn!(issuer = %self.issuer, skipped = %s, "jwks key skipped");
+                }
+                if set.fits_none(&self.algorithms) {
+                    tracing::warn!(
+                        issuer = %self.issuer,
+                        algorithms = ?self.algorithms,
+                        keys = set.keys.len(),
+                        "jwks has no key for any of the issuer's algorithms: its tokens cannot verify"
+                    );
                 }
                 tracing::debug!(issuer = %self.issuer, keys = set.keys.len(), "jwks loaded");
                 self.current.store(Some(set.clone()));

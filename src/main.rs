@@ -172,7 +172,7 @@ fn main() -> ExitCode {
             );
             let at = at.unwrap_or_else(subguard::server::grpc::unix_now);
             let report = runtime.block_on(async {
-                let key_errors = match policy.fetch_missing_keys().await {
+                let key_errors = match policy.fetch_missing_keys(None).await {
                     Ok(()) => Vec::new(),
                     Err(errors) => errors.iter().map(ToString::to_string).collect(),
                 };

@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::check::CheckCall;
+use common::jwks_server::JwksServer;
 use common::{Algorithm, CheckClient, ConfigDir, Outcome, Subguard, TokenBuilder};
 
 const CONFIG: &str = r#"
@@ -103,6 +104,32 @@ async fn users_file_changes_are_picked_up_without_a_signal() {
     assert_eq!(out.header("x-user-id"), Some("user-two"));
     let out = ask(&mut client, "acme", &acme("u-1")).await;
     assert_eq!(reason(&out), Some("user_not_found"), "a deleted user is gone: {out:#?}");
+}
+
+#[tokio::test]
+async fn an_identity_provider_down_since_start_does_not_hold_back_other_changes() {
+    // globex's keys come from an IdP that has answered 500 since start: the sidecar is not
+    // ready, and acme serves. Removing an acme user must still take effect: the new version
+    // has no fewer keys than the serving one.
+    let jwks = std::fs::read_to_string("tests/fixtures/keys/issuer-b.jwks.json").unwrap();
+    let idp = JwksServer::start(&jwks);
+    idp.set_status(500);
+    let down =
+        GLOBEX.replace("jwks_file: keys/issuer-b.jwks.json", &format!("jwks_uri: \"{}\"", idp.jwks_uri()));
+    let sg = Subguard::start_unready(ConfigDir::with(&format!("{CONFIG}{down}"), USERS));
+    let mut client = sg.client().await;
+    assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed);
+    assert_eq!(reason(&ask(&mut client, "globex", &globex("g-1")).await), Some("keys_unavailable"));
+
+    sg.dir.write_users("acme:\n  - sub: u-2\nglobex:\n  - sub: g-1\n");
+    let out = eventually(&mut client, "acme", &acme("u-1"), WAIT, |o| !o.allowed).await;
+    assert_eq!(reason(&out), Some("user_not_found"), "the removed user is gone: {out:#?}");
+    assert!(ask(&mut client, "acme", &acme("u-2")).await.allowed);
+
+    // The IdP comes back: its issuer's own refresh loads the keys (the reload did not drop it).
+    idp.set_jwks(&jwks);
+    let out = eventually(&mut client, "globex", &globex("g-1"), Duration::from_secs(40), |o| o.allowed).await;
+    assert!(out.allowed, "globex works once its IdP answers: {out:#?}");
 }
 
 #[tokio::test]

@@ -194,11 +194,19 @@ impl Policy {
 
     /// Fetches the keys of every issuer that has none yet (a new issuer after a reload), all at
     /// once. Any failure is reported with its issuer's YAML path.
-    pub async fn fetch_missing_keys(&self) -> Result<(), Vec<ConfigError>> {
+    ///
+    /// A key store carried over from `previous` (the policy a reload replaces) is left to its
+    /// own refresh task even when it has no keys yet: the serving version has none for it either,
+    /// so the new version loses nothing, and one unreachable identity provider must not keep
+    /// every other change (a user removed from the users file) from taking effect.
+    pub async fn fetch_missing_keys(&self, previous: Option<&Policy>) -> Result<(), Vec<ConfigError>> {
+        let carried_over = |store: &Arc<KeyStore>| {
+            previous.is_some_and(|p| p.key_stores().any(|old| Arc::ptr_eq(old, store)))
+        };
         let mut fetches = tokio::task::JoinSet::new();
         for (name, t) in &self.tenants {
             for (i, issuer) in t.issuers.iter().enumerate() {
-                if !issuer.keys.is_ready() {
+                if !issuer.keys.is_ready() && !carried_over(&issuer.keys) {
                     let store = issuer.keys.clone();
                     let path = format!("tenants.{name}.issuers[{i}]");
                     fetches.spawn(async move {

@@ -237,7 +237,7 @@ impl Reloader {
         let files = watched_files(&config);
         let policy = Policy::build_reusing(config, self.state.metrics.clone(), Some(&old))
             .map_err(|e| vec![ConfigError::new("", e)])?;
-        policy.fetch_missing_keys().await?;
+        policy.fetch_missing_keys(Some(&old)).await?;
         policy.start_key_refresh();
         self.state.policy.store(Arc::new(policy));
         self.state.start_revocation();

@@ -621,12 +621,18 @@ async fn least_privilege_acl_users_from_the_docs_work() {
 }
 
 /// A reload that changes `revocation:` (here the channel) moves the subscription; what was learnt
-/// from earlier events stays.
+/// from earlier events stays, and cached users are dropped as at a reconnect: events published
+/// between the two subscriptions (the old one may have been cut off for long, as when a password
+/// is rotated) were heard by nobody.
 #[tokio::test]
 async fn a_reload_moves_the_subscription_and_keeps_what_is_known() {
     let redis = Redis::start();
     let directory = DirectoryServer::start();
+    directory.set("amy", Answer::user(json!({"id": "amy"})));
     let s = Subguard::start(&config(&redis.url(), &directory, ""), USERS);
+    assert!(ask(&s, "acme", &token("amy").build()).await.allowed);
+    assert!(ask(&s, "acme", &token("amy").build()).await.allowed);
+    assert_eq!(directory.requests("acme", "amy"), 1, "cached");
     let deadline = Instant::now() + Duration::from_secs(10);
     while redis.subscribers(CHANNEL) != 1 {
         assert!(Instant::now() < deadline, "not subscribed");
@@ -649,6 +655,17 @@ async fn a_reload_moves_the_subscription_and_keeps_what_is_known() {
     }
     // Still held from before the reload.
     assert_denied(&ask(&s, "files", &token("frank").build()).await, "user_not_found", 403);
+    // The cached user is asked for again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while directory.requests("acme", "amy") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the new subscriber kept the cached user\n{}",
+            s.logs().join("\n")
+        );
+        assert!(ask(&s, "acme", &token("amy").build()).await.allowed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     redis.publish("fleet-b:events", r#"{"type":"user.disabled","tenant":"files","sub":"fiona"}"#);
     until_denied(&[&s], "files", &token("fiona").build(), "user_disabled", WITHIN).await;
 }

@@ -167,6 +167,10 @@ struct Shared {
     /// Milliseconds after `epoch` until which Redis is not asked (after a failure).
     down_until_ms: AtomicU64,
     subscribed: AtomicBool,
+    /// Built by a reload in place of another subscriber: events published between the two (the
+    /// old one may have been disconnected for long) are lost, so the first subscription drops
+    /// what is cached, as a reconnect does.
+    replaces: bool,
 }
 
 /// The runtime side of `revocation:`. Owned by the [`Policy`]; a reload with the same settings
@@ -194,7 +198,8 @@ impl Drop for Revocation {
 }
 
 impl Revocation {
-    /// Builds the client; connects nothing until first used.
+    /// Builds the client; connects nothing until first used. `known` is what the subscriber this
+    /// one replaces (a reload) had learnt, `None` for the first.
     pub fn new(
         settings: RevocationSettings,
         known: Option<Arc<Known>>,
@@ -205,11 +210,13 @@ impl Revocation {
             .max_capacity(LOCAL_MAX_ENTRIES)
             .time_to_live(settings.jti_cache.max(Duration::from_millis(1)))
             .build();
+        let replaces = known.is_some();
         Ok(Revocation {
             shared: Arc::new(Shared {
                 settings,
                 client,
                 conn: OnceLock::new(),
+                replaces,
                 known: known.unwrap_or_default(),
                 answers,
                 metrics,
@@ -460,7 +467,7 @@ async fn subscribe_forever(shared: Arc<Shared>, current: CurrentPolicy) {
     let settings = &shared.settings;
     let mut delay = settings.reconnect_min;
     let mut failures: u64 = 0;
-    let mut ever_subscribed = false;
+    let mut ever_subscribed = shared.replaces;
     loop {
         let result = subscribe_once(&shared, &current, &mut ever_subscribed, &mut failures).await;
         let was_up = shared.subscribed.swap(false, Ordering::AcqRel);

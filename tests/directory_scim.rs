@@ -363,6 +363,45 @@ async fn a_server_error_or_garbage_is_directory_unavailable() {
     }
 }
 
+#[tokio::test]
+async fn an_answer_about_another_user_is_never_taken_for_the_sub() {
+    // A provider (or a proxy) that drops the filter and answers with one user: taking it would
+    // make every token of the tenant that user.
+    let list = |user: serde_json::Value| json!({"totalResults": 1, "Resources": [user]});
+    scim().force_filter(
+        "flaky",
+        r#"userName eq "stranger@example.com""#,
+        Answer::user(list(json!({"id": "someone-else", "userName": "admin@example.com", "active": true}))),
+    );
+    let out = ask("flaky", "stranger@example.com").await;
+    assert_reason(&out, "directory_unavailable", 503);
+    // The same user named with other case is the user: userName is case-insensitive (RFC 7643).
+    scim().force_filter(
+        "flaky",
+        r#"userName eq "Casey@Example.com""#,
+        Answer::user(list(json!({"id": "u-casey", "userName": "casey@example.com", "active": true}))),
+    );
+    let out = ask("flaky", "Casey@Example.com").await;
+    assert!(out.allowed, "{out:#?}");
+    assert_eq!(out.header("x-user-id"), Some("u-casey"));
+}
+
+#[tokio::test]
+async fn null_groups_and_roles_are_no_roles() {
+    // RFC 7643 §2.5: null, unassigned and empty are the same.
+    scim().force_filter(
+        "flaky",
+        r#"userName eq "nulls@example.com""#,
+        Answer::user(json!({"totalResults": 1, "Resources": [
+            {"id": "u-nulls", "userName": "nulls@example.com", "active": null, "groups": null, "roles": null}
+        ]})),
+    );
+    let out = ask("flaky", "nulls@example.com").await;
+    assert!(out.allowed, "{out:#?}");
+    assert_eq!(out.header("x-user-id"), Some("u-nulls"));
+    assert_eq!(out.header("x-user-roles"), None);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The directory's credential.
 

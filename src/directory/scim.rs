@@ -55,14 +55,34 @@ struct Value {
     value: Option<String>,
 }
 
+/// `null` for a multi-valued attribute is the same as absent or empty (RFC 7643 §2.5).
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct ScimUser {
     id: Option<String>,
+    user_name: Option<String>,
+    external_id: Option<String>,
     active: Option<bool>,
     #[serde(default)]
-    groups: Vec<Display>,
+    groups: Option<Vec<Display>>,
     #[serde(default)]
-    roles: Vec<Value>,
+    roles: Option<Vec<Value>>,
+}
+
+impl ScimUser {
+    /// Whether this resource is the one asked for: its matched attribute equals the sub
+    /// (`userName` compared case-insensitively, as RFC 7643 defines it; `externalId` and `id`
+    /// exactly). A provider (or a proxy) that drops the filter and answers with some user must
+    /// not make every token of the tenant that user.
+    fn is(&self, match_by: ScimMatch, sub: &str) -> bool {
+        match match_by {
+            ScimMatch::UserName => {
+                self.user_name.as_deref().is_some_and(|u| u == sub || u.to_lowercase() == sub.to_lowercase())
+            }
+            ScimMatch::ExternalId => self.external_id.as_deref() == Some(sub),
+            ScimMatch::Id => self.id.as_deref() == Some(sub),
+        }
+    }
 }
 
 /// The value of a SCIM filter string literal: `"` and `\` escaped as in JSON (RFC 7644 §3.4.2.2).
@@ -154,9 +174,21 @@ impl ScimDirectory {
             }
             (_, s) => return Err(FetchError::Transport(format!("status {s}"))),
         };
+        if !user.is(self.match_by, sub) {
+            let attribute = match self.match_by {
+                ScimMatch::UserName => "userName",
+                ScimMatch::ExternalId => "externalId",
+                ScimMatch::Id => "id",
+            };
+            return Err(FetchError::Data(format!(
+                "the provider answered with a user whose {attribute} is not the sub; refusing to pick it"
+            )));
+        }
         let roles: Vec<String> = match self.roles_from {
-            RolesFrom::Groups => user.groups.into_iter().filter_map(|g| g.display).collect(),
-            RolesFrom::Roles => user.roles.into_iter().filter_map(|r| r.value).collect(),
+            RolesFrom::Groups => {
+                user.groups.unwrap_or_default().into_iter().filter_map(|g| g.display).collect()
+            }
+            RolesFrom::Roles => user.roles.unwrap_or_default().into_iter().filter_map(|r| r.value).collect(),
         };
         let u = user_from(sub, user.id, roles, user.active == Some(false), None)?;
         Ok(Lookup::Found(u))

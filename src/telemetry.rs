@@ -491,11 +491,44 @@ fn log_decision(d: &Decision, request_id: Option<&str>) {
     }
 }
 
-/// The Prometheus text exposition of a registry.
+/// The OpenMetrics text exposition of a registry (what Prometheus asks for first).
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
         out.clear();
+    }
+    out
+}
+
+/// The same exposition in the Prometheus text format 0.0.4, for scrapers and tools that do not
+/// ask for OpenMetrics (a plain `curl`, older agents). The two differ only in the family names
+/// of counters (OpenMetrics names the family without `_total`, 0.0.4 names it as its sample),
+/// the `# UNIT` lines and the closing `# EOF`, which 0.0.4 does not have.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len() + 8 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
     }
     out
 }

@@ -371,3 +371,69 @@ async fn metrics_count_exactly_the_checks_sent_and_never_label_raw_input() {
         assert!(!text.contains(raw), "raw request input {raw:?} appears in /metrics:\n{text}");
     }
 }
+
+/// `GET /metrics` with an `Accept` header, raw: (content type, body).
+fn scrape(sg: &Subguard, accept: Option<&str>) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(sg.admin_addr()).unwrap();
+    let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n{accept}Connection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+    let content_type = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-type")))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap();
+    (content_type, body.to_string())
+}
+
+#[tokio::test]
+async fn metrics_speak_openmetrics_to_prometheus_and_text_0_0_4_to_everyone_else() {
+    let directory = DirectoryServer::start();
+    let sg = Subguard::start(&http_directory_config(&directory, 1000, ""), "");
+    let mut client: CheckClient = sg.client().await;
+    client.call(&CheckCall::new().tenant("acme").bearer(&token("nobody"))).await;
+
+    // Prometheus's own Accept header: OpenMetrics, counters declared without `_total`.
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (content_type, body) = scrape(&sg, Some(prometheus));
+    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+    assert!(body.lines().any(|l| l == "# TYPE subguard_checks counter"), "{body}");
+    assert_eq!(body.lines().last(), Some("# EOF"));
+
+    // curl, or a 0.0.4 scraper: every sample belongs to a family its `# TYPE` names exactly (a
+    // 0.0.4 parser would otherwise read each counter as an untyped series).
+    for accept in [None, Some("*/*"), Some("text/plain;version=0.0.4")] {
+        let (content_type, body) = scrape(&sg, accept);
+        assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8", "{accept:?}");
+        assert!(!body.contains("# EOF") && !body.contains("# UNIT"), "{body}");
+        let mut types = BTreeMap::new();
+        for line in body.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                types.insert(name.to_string(), kind.to_string());
+            } else if !line.starts_with('#') && !line.is_empty() {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        name.strip_suffix(s).filter(|f| types.get(*f).is_some_and(|k| k == "histogram"))
+                    })
+                    .unwrap_or(name);
+                assert!(types.contains_key(family), "{name} has no # TYPE line before it:\n{body}");
+            }
+        }
+        assert_eq!(types.get("subguard_checks_total").map(String::as_str), Some("counter"), "{body}");
+        assert_eq!(types.get("subguard_check_duration_seconds").map(String::as_str), Some("histogram"));
+        assert!(
+            body.contains(
+                r#"subguard_checks_total{decision="deny",reason="user_not_found",tenant="acme"} 1"#
+            ),
+            "{body}"
+        );
+    }
+}

@@ -218,6 +218,41 @@ fn validate_warns_when_no_key_fits_the_issuers_algorithms() {
 }
 
 #[test]
+fn validate_catches_what_serve_would_trip_on() {
+    let listen = |grpc: &str, admin: &str| {
+        GOOD.replace(
+            "  grpc: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"",
+            &format!("  grpc: \"{grpc}\"\n  admin: \"{admin}\""),
+        )
+    };
+    for (config, path) in [
+        // serve could not bind the second listener.
+        (listen("127.0.0.1:9391", "127.0.0.1:9391"), "listen.admin"),
+        (listen("0.0.0.0:9391", "127.0.0.1:9391"), "listen.admin"),
+        // An identity in a header that frames or routes the request.
+        (format!("{GOOD}forward:\n  roles_header: content-length\n"), "forward.roles_header"),
+        (format!("{GOOD}forward:\n  user_header: x-envoy-original-path\n"), "forward.user_header"),
+        (format!("{GOOD}forward:\n  tenant_header: x-subguard-reason\n"), "forward.tenant_header"),
+        (GOOD.replace("path: users.yaml", "path: \"\""), "directory.path"),
+    ] {
+        let dir = ConfigDir::with(&config, USERS);
+        let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(1), "{config}\n{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with(path)),
+            "{path}: {}",
+            text(&out)
+        );
+    }
+    // Different ports, or port 0 (any free one), are fine.
+    for config in [listen("127.0.0.1:9391", "127.0.0.1:9392"), listen("127.0.0.1:0", "127.0.0.1:0")] {
+        let dir = ConfigDir::with(&config, USERS);
+        let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(0), "{config}\n{}", text(&out));
+    }
+}
+
+#[test]
 fn serve_refuses_an_invalid_config() {
     let dir = ConfigDir::with(&GOOD.replace("keys/issuer-a.jwks.json", "keys/missing.json"), USERS);
     let started = Instant::now();

@@ -326,6 +326,27 @@ struct Loader {
     extra_files: Vec<PathBuf>,
 }
 
+/// Headers that frame or route the request, or that Envoy and subguard set themselves: an identity
+/// written into one would corrupt the request (`content-length`) or be taken for something else.
+fn is_reserved_header(name: &str) -> bool {
+    const RESERVED: [&str; 13] = [
+        "connection",
+        "content-length",
+        "content-type",
+        "cookie",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "x-request-id",
+        "x-forwarded-for",
+        "x-subguard-reason",
+    ];
+    RESERVED.contains(&name) || name.starts_with("x-envoy-")
+}
+
 /// `token.leeway_seconds` above this is refused: it would keep tokens alive for hours past `exp`.
 const MAX_LEEWAY_SECONDS: u64 = 3600;
 /// ... and above this it is accepted with a warning.
@@ -601,6 +622,15 @@ impl Loader {
                 }
             }
         };
+        // Both on one port would make `serve` fail to bind: say so offline. An unspecified address
+        // (0.0.0.0, ::) takes the port on every address.
+        if let (ListenAddr::Tcp(g), Some(a)) = (&grpc, admin)
+            && g.port() == a.port()
+            && g.port() != 0
+            && (g.ip() == a.ip() || g.ip().is_unspecified() || a.ip().is_unspecified())
+        {
+            self.err("listen.admin", format!("`{a}` takes the port of listen.grpc `{g}`"));
+        }
         Listen { grpc, admin }
     }
 
@@ -632,7 +662,7 @@ impl Loader {
             if !is_header_name(&v) || v.starts_with(':') {
                 self.err(format!("forward.{field}"), format!("`{v}` is not a valid HTTP header name"));
             }
-            if v == "authorization" || v == "host" {
+            if v == "authorization" || v == "host" || is_reserved_header(&v) {
                 self.err(format!("forward.{field}"), format!("`{v}` cannot carry identity"));
             }
             v
@@ -705,7 +735,7 @@ impl Loader {
                         self.err(format!("{p}.{field}"), "not used by `kind: file`");
                     }
                 }
-                let Some(file) = raw.path.as_deref() else {
+                let Some(file) = raw.path.as_deref().filter(|f| !f.trim().is_empty()) else {
                     self.err(format!("{p}.path"), "`kind: file` needs the users file path");
                     return None;
                 };

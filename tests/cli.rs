@@ -253,6 +253,29 @@ fn validate_catches_what_serve_would_trip_on() {
 }
 
 #[test]
+fn validate_prints_one_line_per_error_whatever_the_yaml_holds() {
+    // A YAML error is its position and what is wrong, without the parser's source excerpt.
+    let dir = ConfigDir::with(&format!("{GOOD}tenant:\n  header: x-other\n"), USERS);
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.starts_with("invalid YAML: line ") && stdout.contains("duplicate mapping key"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("DuplicateKeyPolicy"), "{stdout}");
+
+    // A key with a newline in it is shown escaped: it cannot start a line of its own.
+    let dir = ConfigDir::with(&format!("{GOOD}\"bogus\\nok\": 1\n"), USERS);
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.lines().all(|l| l.trim() != "ok" && !l.starts_with("ok")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with(r"bogus\nok: unknown key")), "{stdout}");
+}
+
+#[test]
 fn serve_refuses_an_invalid_config() {
     let dir = ConfigDir::with(&GOOD.replace("keys/issuer-a.jwks.json", "keys/missing.json"), USERS);
     let started = Instant::now();

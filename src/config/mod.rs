@@ -40,14 +40,37 @@ impl ConfigError {
     }
 }
 
+/// One error is one line (`validate` prints one per line, logs carry one per field): control
+/// characters from the YAML (a key or path with a newline) are shown escaped, never written.
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
+        if !self.path.is_empty() {
+            write_escaped(f, &self.path)?;
+            f.write_str(": ")?;
+        }
+        write_escaped(f, &self.message)
+    }
+}
+
+fn write_escaped(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
+    for c in text.chars() {
+        if c.is_control() {
+            write!(f, "{}", c.escape_default())?;
         } else {
-            write!(f, "{}: {}", self.path, self.message)
+            fmt::Write::write_char(f, c)?;
         }
     }
+    Ok(())
+}
+
+/// A YAML parser's error as one line: the position and what is wrong, without the source
+/// excerpt it draws under it or advice addressed to the program using the parser.
+pub fn yaml_error(e: &impl fmt::Display) -> String {
+    let text = e.to_string();
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let first = first.split(", set DuplicateKeyPolicy").next().unwrap_or(first);
+    format!("invalid YAML: {first}")
 }
 
 /// Where the gRPC listener binds.
@@ -313,8 +336,7 @@ pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
 
 /// Validates config text; relative paths resolve against `base`.
 pub fn from_yaml(text: &str, path: &Path, base: &Path) -> Result<Config, Vec<ConfigError>> {
-    let doc: Value =
-        serde_saphyr::from_str(text).map_err(|e| vec![ConfigError::new("", format!("invalid YAML: {e}"))])?;
+    let doc: Value = serde_saphyr::from_str(text).map_err(|e| vec![ConfigError::new("", yaml_error(&e))])?;
     Loader { base: base.to_path_buf(), errors: Vec::new(), warnings: Vec::new(), extra_files: Vec::new() }
         .load(doc, path)
 }

@@ -106,7 +106,7 @@ impl UsersFile {
     fn read_yaml(text: &str) -> Result<Result<Vec<TenantRead>, Vec<ConfigError>>, Vec<ConfigError>> {
         serde_saphyr::from_str_with_options::<Parsed<false>>(text, yaml_options(text))
             .map(|p| p.0)
-            .map_err(|e| vec![ConfigError::new("", format!("invalid YAML: {e}"))])
+            .map_err(|e| vec![ConfigError::new("", crate::config::yaml_error(&e))])
     }
 
     /// The file from its tenants as read, or every error in it.

@@ -206,9 +206,20 @@ fn main() -> ExitCode {
             publish(&config, event)
         }
         Command::Serve { config } => {
-            let cfg = match load_config("", &config, ExitCode::FAILURE) {
+            let cfg = match subguard::config::load(&config) {
                 Ok(c) => c,
-                Err(code) => return code,
+                Err(errors) => {
+                    // In the log too: a log pipeline is where a crash-looping pod is looked at.
+                    let _telemetry = telemetry::init(cli.log_format, None);
+                    for e in &errors {
+                        tracing::error!(config = %config.display(), error = %e, "invalid config; not starting");
+                    }
+                    eprintln!("subguard: invalid config {}:", config.display());
+                    for e in errors {
+                        eprintln!("  {e}");
+                    }
+                    return ExitCode::FAILURE;
+                }
             };
             let runtime = match runtime("", true, ExitCode::FAILURE) {
                 Ok(r) => r,

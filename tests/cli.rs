@@ -282,6 +282,22 @@ fn serve_refuses_an_invalid_config() {
     let out = subguard(&["serve", "--config", dir.config_path().to_str().unwrap()], &[]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(started.elapsed() < Duration::from_secs(10));
+    // On stderr for a person, and as a JSON log line for the log pipeline.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tenants.acme.issuers[0].jwks_file"),
+        "{}",
+        text(&out)
+    );
+    let logged = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|v| {
+            v["level"] == "ERROR"
+                && v["fields"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("tenants.acme.issuers[0].jwks_file"))
+        });
+    assert!(logged, "{}", text(&out));
 }
 
 #[test]

@@ -858,7 +858,8 @@ async fn tenant_header_and_host_edge_cases() {
         (None, Some("ACME.API.EXAMPLE.COM."), "acme"),
         (None, Some("acme.api.example.com.:65535"), "acme"),
         (Some("ACME"), Some("acme.API.example.com"), "acme"),
-        (None, Some("acme.api.example.com:"), "missing_tenant"),
+        // An empty port is a valid authority (RFC 3986 §3.2.3, `port = *DIGIT`): the default port.
+        (None, Some("acme.api.example.com:"), "acme"),
         (None, Some("acme.api.example.com:80:80"), "missing_tenant"),
         (None, Some("acme.api.example.com:http"), "missing_tenant"),
         (None, Some("acme.api.example.com.."), "missing_tenant"),

@@ -81,7 +81,8 @@ fn check_host(p: &HostPattern, pattern: &str, host: &str) {
     let expected = pattern.replacen("{tenant}", &t, 1);
     let mut h = host.to_ascii_lowercase();
     if let Some((name, port)) = h.rsplit_once(':') {
-        assert!(!port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()), "bad port accepted: {host:?}");
+        // `port = *DIGIT` (RFC 3986 §3.2.3): an empty port is the default one.
+        assert!(port.bytes().all(|b| b.is_ascii_digit()), "bad port accepted: {host:?}");
         h = name.to_string();
     }
     let h = h.strip_suffix('.').unwrap_or(&h);

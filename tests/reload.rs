@@ -8,8 +8,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::check::CheckCall;
+use common::directory_server::{Answer, DirectoryServer};
 use common::jwks_server::JwksServer;
 use common::{Algorithm, CheckClient, ConfigDir, Outcome, Subguard, TokenBuilder};
+use serde_json::json;
 
 const CONFIG: &str = r#"
 listen:
@@ -130,6 +132,44 @@ async fn an_identity_provider_down_since_start_does_not_hold_back_other_changes(
     idp.set_jwks(&jwks);
     let out = eventually(&mut client, "globex", &globex("g-1"), Duration::from_secs(40), |o| o.allowed).await;
     assert!(out.allowed, "globex works once its IdP answers: {out:#?}");
+}
+
+#[tokio::test]
+async fn a_rebuilt_directory_keeps_serving_the_users_its_predecessor_cached() {
+    // A changed timeout (or a rotated credential) rebuilds the directory. During a directory
+    // outage, a user served stale from the cache must stay served: no check fails because of a
+    // reload.
+    let directory = DirectoryServer::start();
+    directory.set("d-1", Answer::user(json!({"id": "user-d1"})));
+    let config = |timeout_ms: u64| {
+        CONFIG.replace(
+            "directory:\n  kind: file\n  path: users.yaml",
+            &format!(
+                "directory:\n  kind: http\n  url: \"{}\"\n  timeout_ms: {timeout_ms}\n  cache:\n    ttl_seconds: 1\n    stale_if_error_seconds: 300",
+                directory.url_template()
+            ),
+        )
+    };
+    let sg = Subguard::start(&config(1000), "");
+    let mut client = sg.client().await;
+    let out = ask(&mut client, "acme", &acme("d-1")).await;
+    assert_eq!(out.header("x-user-id"), Some("user-d1"), "{out:#?}");
+
+    directory.set("d-1", Answer::status(500));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let out = ask(&mut client, "acme", &acme("d-1")).await;
+    assert!(out.allowed, "served stale while the directory fails: {out:#?}");
+
+    let before = reloads_counted(&sg);
+    sg.dir.write_config(&config(900));
+    let deadline = Instant::now() + WAIT;
+    while reloads_counted(&sg) == before {
+        assert!(Instant::now() < deadline, "the config change was never reloaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = ask(&mut client, "acme", &acme("d-1")).await;
+    assert!(out.allowed, "the rebuilt directory still serves the cached user: {out:#?}");
+    assert_eq!(out.header("x-user-id"), Some("user-d1"));
 }
 
 #[tokio::test]

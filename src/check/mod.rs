@@ -160,6 +160,37 @@ impl Policy {
         })
     }
 
+    /// After a reload: every remote directory built anew whose predecessor (same name) asked the
+    /// same place the same way (kind, URL, match, normalisation) takes over that predecessor's
+    /// found users, so a changed timeout or a rotated credential does not turn users served from
+    /// the cache, stale ones during an outage, into `directory_unavailable`.
+    pub async fn adopt_directory_caches(&self, previous: &Policy) {
+        // Directories shared by tenants (the default one) are handled once; held as addresses.
+        let mut done: Vec<usize> = Vec::new();
+        for (name, t) in &self.tenants {
+            let new = &t.directory;
+            let at = Arc::as_ptr(new) as usize;
+            if done.contains(&at) {
+                continue;
+            }
+            done.push(at);
+            let Some(new_cache) = new.cache() else { continue };
+            let (Some(new_config), Some(old_config)) =
+                (self.config.tenants.get(name), previous.config.tenants.get(name))
+            else {
+                continue;
+            };
+            let Some(old) = previous.tenants.get(name).map(|t| &t.directory) else { continue };
+            if Arc::ptr_eq(old, new) || !new_config.directory.same_source(&old_config.directory) {
+                continue;
+            }
+            if let Some(old_cache) = old.cache() {
+                let adopted = new_cache.adopt_found(old_cache).await;
+                tracing::debug!(directory = %new_config.directory.name, adopted, "directory rebuilt; cached users taken over");
+            }
+        }
+    }
+
     /// This policy's directory built from exactly these settings, if any.
     fn directory_like(&self, wanted: &crate::config::DirectoryConfig) -> Option<Arc<Directory>> {
         self.config

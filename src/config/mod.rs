@@ -273,6 +273,23 @@ pub struct DirectoryConfig {
     pub normalize: Normalize,
 }
 
+impl DirectoryConfig {
+    /// Whether `other` asks the same directory the same way: same name, kind, URL, SCIM matching
+    /// and normalisation (timeouts, headers, TLS, breaker and cache settings may differ). Users
+    /// cached by one are users of the other.
+    pub fn same_source(&self, other: &DirectoryConfig) -> bool {
+        let kind = match (&self.kind, &other.kind) {
+            (DirectoryKind::Http { url: a, .. }, DirectoryKind::Http { url: b, .. }) => a == b,
+            (
+                DirectoryKind::Scim { base: a, match_by: ma, roles_from: ra, .. },
+                DirectoryKind::Scim { base: b, match_by: mb, roles_from: rb, .. },
+            ) => a == b && ma == mb && ra == rb,
+            _ => false,
+        };
+        kind && self.name == other.name && self.normalize == other.normalize
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TenantConfig {
     pub issuers: Vec<IssuerConfig>,

@@ -140,6 +140,23 @@ impl DirectoryCache {
         }
     }
 
+    /// Takes over `old`'s found users that are still within this cache's `ttl + stale_if_error`,
+    /// with their age: a reload that rebuilt the directory (new timeouts, a rotated credential)
+    /// keeps serving them as the old one would have, stale ones included while the directory
+    /// fails. Not-found answers are not taken over: they are short-lived by design, and asking
+    /// again is what a user created a moment ago needs.
+    pub async fn adopt_found(&self, old: &DirectoryCache) -> usize {
+        let window = self.settings.ttl + self.settings.stale_if_error;
+        let mut adopted = 0;
+        for (key, entry) in old.entries.iter() {
+            if matches!(entry.answer, Lookup::Found(_)) && entry.at.elapsed() < window {
+                self.entries.insert((*key).clone(), entry).await;
+                adopted += 1;
+            }
+        }
+        adopted
+    }
+
     /// Drops one user's cached answer (user events, `explain --no-cache`).
     pub async fn evict(&self, key: &Key) {
         self.entries.invalidate(key).await;
@@ -175,6 +192,21 @@ mod tests {
 
     fn found() -> Lookup {
         Lookup::Found(User { id: "u".into(), roles: None, disabled: false, tokens_valid_after: None })
+    }
+
+    #[tokio::test]
+    async fn a_new_cache_adopts_found_users_with_their_age_and_no_not_found() {
+        let old = DirectoryCache::new(settings(60_000, 60_000, 0));
+        assert!(old.get_or_load(key("acme", "alice"), async { Ok(found()) }).await.0.is_ok());
+        assert!(old.get_or_load(key("acme", "ghost"), async { Ok(Lookup::NotFound) }).await.0.is_ok());
+        let new = DirectoryCache::new(settings(60_000, 60_000, 0));
+        assert_eq!(new.adopt_found(&old).await, 1);
+        assert!(matches!(new.fresh(&key("acme", "alice")).await, Some(Lookup::Found(_))));
+        assert!(new.fresh(&key("acme", "ghost")).await.is_none(), "not-found answers are asked again");
+        // An entry older than the new cache's ttl + stale_if_error is not taken.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let short = DirectoryCache::new(settings(10, 60_000, 10));
+        assert_eq!(short.adopt_found(&old).await, 0);
     }
 
     #[tokio::test]

@@ -238,6 +238,7 @@ impl Reloader {
         let policy = Policy::build_reusing(config, self.state.metrics.clone(), Some(&old))
             .map_err(|e| vec![ConfigError::new("", e)])?;
         policy.fetch_missing_keys(Some(&old)).await?;
+        policy.adopt_directory_caches(&old).await;
         policy.start_key_refresh();
         self.state.policy.store(Arc::new(policy));
         self.state.start_revocation();

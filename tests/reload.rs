@@ -173,6 +173,45 @@ async fn a_rebuilt_directory_keeps_serving_the_users_its_predecessor_cached() {
 }
 
 #[tokio::test]
+async fn a_version_refused_for_unreachable_keys_is_tried_again_by_itself() {
+    // A new tenant whose IdP is down at the reload: the version is refused (the old one serves),
+    // and once the IdP answers it is applied without anyone touching the files again.
+    let jwks = std::fs::read_to_string("tests/fixtures/keys/issuer-b.jwks.json").unwrap();
+    let idp = JwksServer::start(&jwks);
+    idp.set_status(500);
+    let sg = Subguard::start(CONFIG, USERS);
+    let mut client = sg.client().await;
+    let errors = || {
+        let (_, metrics) = sg.admin_get("/metrics");
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"subguard_config_reloads_total{outcome="error"} "#)?.parse::<f64>().ok()
+            })
+            .unwrap_or(0.0)
+    };
+    let with_globex =
+        GLOBEX.replace("jwks_file: keys/issuer-b.jwks.json", &format!("jwks_uri: \"{}\"", idp.jwks_uri()));
+    sg.dir.write_config(&format!("{CONFIG}{with_globex}"));
+    let deadline = Instant::now() + WAIT;
+    while errors() < 1.0 {
+        assert!(Instant::now() < deadline, "the version was never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        reason(&ask(&mut client, "globex", &globex("g-1")).await),
+        Some("unknown_tenant"),
+        "the old version serves"
+    );
+    assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed);
+
+    idp.set_jwks(&jwks);
+    let out = eventually(&mut client, "globex", &globex("g-1"), Duration::from_secs(30), |o| o.allowed).await;
+    assert!(out.allowed, "the refused version was applied once its keys could be fetched: {out:#?}");
+    assert_eq!(errors(), 1.0, "refused once, counted once, however many retries");
+}
+
+#[tokio::test]
 async fn config_is_reread_on_sighup() {
     let sg = Subguard::start(CONFIG, USERS);
     let mut client = sg.client().await;

@@ -135,7 +135,15 @@ pub struct Reloader {
     /// `files` again, for the watcher's thread to filter events with.
     shared_files: Arc<Mutex<BTreeSet<PathBuf>>>,
     fingerprint: [u8; 32],
+    /// Set when the last version was refused only because a new issuer's keys could not be
+    /// fetched (an identity provider down, not a mistake in the files): that version is tried
+    /// again by itself, at this delay, doubling up to [`KEY_RETRY_MAX`].
+    key_retry: Option<Duration>,
 }
+
+/// The first and the longest wait before a version refused for unreachable keys is tried again.
+const KEY_RETRY_MIN: Duration = Duration::from_secs(2);
+const KEY_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// The watched files of the config being started, fingerprinted before the policy is built from
 /// them. The reloader's first look compares against it, so a file changed while the sidecar
@@ -158,7 +166,7 @@ impl Reloader {
     pub fn new(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> Reloader {
         let Baseline { files, fingerprint } = baseline;
         let shared_files = Arc::new(Mutex::new(with_targets(&files)));
-        Reloader { state, config_path, files, shared_files, fingerprint }
+        Reloader { state, config_path, files, shared_files, fingerprint, key_retry: None }
     }
 
     /// The paths the watcher's event filter counts: the watched files and where they resolve.
@@ -192,17 +200,36 @@ impl Reloader {
             tracing::debug!(trigger, "watched files unchanged; nothing to reload");
             return Ok(ReloadOutcome::Unchanged);
         }
-        let result = self.load_and_swap().await;
+        let retrying = trigger == KEY_RETRY_TRIGGER;
+        let mut keys_only = false;
+        let result = self.load_and_swap(&mut keys_only).await;
         let metrics = &self.state.metrics;
         match &result {
             Ok(()) => {
+                self.key_retry = None;
                 metrics.config_reloaded(true);
                 tracing::info!(trigger, "config reloaded");
             }
+            Err(errors) if retrying && keys_only => {
+                // The same version, refused again for the same reason: counted and logged at
+                // error once, when it was first refused.
+                let next = self.key_retry.map_or(KEY_RETRY_MIN, |d| (d * 2).min(KEY_RETRY_MAX));
+                self.key_retry = Some(next);
+                for e in errors {
+                    tracing::warn!(trigger, error = %e, retry_in_s = next.as_secs(), "config reload still refused");
+                }
+            }
             Err(errors) => {
+                self.key_retry = keys_only.then_some(KEY_RETRY_MIN);
                 metrics.config_reloaded(false);
                 for e in errors {
                     tracing::error!(trigger, error = %e, "config reload refused; the previous config keeps serving");
+                }
+                if keys_only {
+                    tracing::info!(
+                        retry_in_s = KEY_RETRY_MIN.as_secs(),
+                        "the refused version is tried again until its keys can be fetched or the files change"
+                    );
                 }
             }
         }
@@ -211,7 +238,9 @@ impl Reloader {
         result.map(|()| ReloadOutcome::Applied)
     }
 
-    async fn load_and_swap(&mut self) -> Result<(), Vec<ConfigError>> {
+    /// Sets `keys_only` when the version was refused only because new issuers' keys could not be
+    /// fetched.
+    async fn load_and_swap(&mut self, keys_only: &mut bool) -> Result<(), Vec<ConfigError>> {
         let path = self.config_path.clone();
         let config = tokio::task::spawn_blocking(move || config::load(&path))
             .await
@@ -237,7 +266,10 @@ impl Reloader {
         let files = watched_files(&config);
         let policy = Policy::build_reusing(config, self.state.metrics.clone(), Some(&old))
             .map_err(|e| vec![ConfigError::new("", e)])?;
-        policy.fetch_missing_keys(Some(&old)).await?;
+        if let Err(errors) = policy.fetch_missing_keys(Some(&old)).await {
+            *keys_only = true;
+            return Err(errors);
+        }
         policy.adopt_directory_caches(&old).await;
         policy.start_key_refresh();
         self.state.policy.store(Arc::new(policy));
@@ -247,6 +279,9 @@ impl Reloader {
         Ok(())
     }
 }
+
+/// The trigger of a retry of a version refused for unreachable keys.
+const KEY_RETRY_TRIGGER: &str = "retry: new issuer keys";
 
 /// Runs the reloader until the process ends: file events (debounced) and SIGHUP.
 ///
@@ -286,6 +321,7 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> tok
         let _ = reloader.reload("change during start-up", false).await;
         watch_folders(watcher.as_mut(), &reloader, &mut watched);
         loop {
+            let retry = reloader.key_retry;
             let (trigger, force) = tokio::select! {
                 Some(()) = rx.recv() => {
                     // Let a burst of events (an editor's save, a ConfigMap swap) settle.
@@ -295,6 +331,9 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> tok
                 }
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     ("SIGHUP", true)
+                }
+                () = async { match retry { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {
+                    (KEY_RETRY_TRIGGER, true)
                 }
             };
             let _ = reloader.reload(trigger, force).await;

@@ -214,10 +214,7 @@ fn main() -> ExitCode {
                     for e in &errors {
                         tracing::error!(config = %config.display(), error = %e, "invalid config; not starting");
                     }
-                    eprintln!("subguard: invalid config {}:", config.display());
-                    for e in errors {
-                        eprintln!("  {e}");
-                    }
+                    print_config_errors("", &config, &errors);
                     return ExitCode::FAILURE;
                 }
             };
@@ -245,12 +242,17 @@ fn load_config(
     code: ExitCode,
 ) -> Result<subguard::config::Config, ExitCode> {
     subguard::config::load(path).map_err(|errors| {
-        eprintln!("subguard{name}: invalid config {}:", path.display());
-        for e in errors {
-            eprintln!("  {e}");
-        }
+        print_config_errors(name, path, &errors);
         code
     })
+}
+
+/// A config's errors for a person, one per line on stderr, under the command that refused it.
+fn print_config_errors(name: &str, path: &std::path::Path, errors: &[subguard::config::ConfigError]) {
+    eprintln!("subguard{name}: invalid config {}:", path.display());
+    for e in errors {
+        eprintln!("  {e}");
+    }
 }
 
 /// A tokio runtime for command `name` (`serve`'s own, else a current-thread one); on failure prints

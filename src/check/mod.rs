@@ -12,7 +12,7 @@ pub mod tenant;
 pub mod token;
 pub mod token_cache;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError, Forward, KeySource, TenantSources, TokenSettings};
@@ -165,21 +165,19 @@ impl Policy {
     /// found users, so a changed timeout or a rotated credential does not turn users served from
     /// the cache, stale ones during an outage, into `directory_unavailable`.
     pub async fn adopt_directory_caches(&self, previous: &Policy) {
-        // Directories shared by tenants (the default one) are handled once; held as addresses.
-        let mut done: Vec<usize> = Vec::new();
+        // A directory shared by tenants (the default one) is handled once: by its name.
+        let mut done = HashSet::new();
         for (name, t) in &self.tenants {
             let new = &t.directory;
-            let at = Arc::as_ptr(new) as usize;
-            if done.contains(&at) {
-                continue;
-            }
-            done.push(at);
             let Some(new_cache) = new.cache() else { continue };
             let (Some(new_config), Some(old_config)) =
                 (self.config.tenants.get(name), previous.config.tenants.get(name))
             else {
                 continue;
             };
+            if !done.insert(new_config.directory.name.as_str()) {
+                continue;
+            }
             let Some(old) = previous.tenants.get(name).map(|t| &t.directory) else { continue };
             if Arc::ptr_eq(old, new) || !new_config.directory.same_source(&old_config.directory) {
                 continue;

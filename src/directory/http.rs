@@ -257,10 +257,8 @@ impl HttpDirectory {
         format!("GET {}", self.url.render(tenant, sub))
     }
 
+    /// One lookup (a sub of `.` or `..` never gets here: see `Backend::fetch`).
     pub async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, FetchError> {
-        if is_path_step(sub) {
-            return Ok(Lookup::NotFound);
-        }
         let url = self.url.render(tenant, sub);
         let (status, body) = self.client.get(&url, "application/json").await?;
         match status {

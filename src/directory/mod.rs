@@ -78,7 +78,8 @@ pub enum Backend {
 
 impl Backend {
     /// An answer the backend gives without a request (a `sub` of `.` or `..` in a URL path): it
-    /// holds whatever state the breaker is in, so it is decided before the breaker is asked.
+    /// holds whatever state the breaker is in, so [`Directory`] decides it before the breaker is
+    /// asked, and [`Backend::fetch`] before any request (the uncached paths).
     fn answer_without_asking(&self, sub: &str) -> Option<Lookup> {
         match self {
             Backend::File(_) => None,
@@ -88,6 +89,9 @@ impl Backend {
     }
 
     async fn fetch(&self, tenant: &str, sub: &str) -> Result<Lookup, FetchError> {
+        if let Some(known) = self.answer_without_asking(sub) {
+            return Ok(known);
+        }
         match self {
             Backend::File(f) => Ok(f.lookup(tenant, sub)),
             // Boxed: an HTTP request's future is kilobytes, which the file directory's lookups

@@ -281,6 +281,9 @@ fn several_authorization_headers_are_refused() {
         ("two-auth-same", &alice, &alice),
         ("two-auth-different", &bob, &alice),
         ("two-auth-ghost-first", &format!("Bearer {}", token("ghost")), &alice),
+        // Whichever comes first: another scheme, or an empty Bearer.
+        ("two-auth-basic-first", &"Basic dXNlcjpwYXNz".to_string(), &alice),
+        ("two-auth-empty-bearer-first", &"Bearer ".to_string(), &alice),
     ] {
         let reply =
             get(marker, &[("x-tenant-id", "acme"), ("authorization", first), ("Authorization", second)]);
@@ -360,6 +363,10 @@ fn host_tricks_through_envoy() {
     let reply = get("host-port-case", &[("host", "ACME.Api.Example.com.:8080"), ("authorization", &alice)]);
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(values(&upstream_saw("host-port-case").unwrap(), "x-tenant-id"), ["acme"]);
+    // An empty port is the default port (RFC 3986 §3.2.3).
+    let reply = get("host-empty-port", &[("host", "acme.api.example.com:"), ("authorization", &alice)]);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(values(&upstream_saw("host-empty-port").unwrap(), "x-tenant-id"), ["acme"]);
     // A punycode look-alike of acme is another label: it conflicts with the header.
     let reply = get(
         "host-idn",

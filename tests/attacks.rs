@@ -1146,7 +1146,8 @@ async fn a_short_rsa_key_in_the_jwks_is_refused_with_a_warning() {
     let sg = Subguard::start_in(dir);
     let mut client = sg.client().await;
     let out = client.call(&CheckCall::new().tenant("acme").bearer(WEAK_1024_TOKEN)).await;
-    assert_denied(&out, "unknown_key", WEAK_1024_TOKEN, "token signed by a 1024-bit key");
+    // The issuer has that key; subguard does not verify with it: the algorithm cannot be accepted.
+    assert_denied(&out, "unsupported_algorithm", WEAK_1024_TOKEN, "token signed by a 1024-bit key");
     let warned = warnings_mentioning(&sg, "1024 bits");
     assert!(!warned.is_empty(), "no warning names the refused 1024-bit key:\n{}", sg.logs().join("\n"));
     // The good keys of the same document are in use.
@@ -1179,8 +1180,9 @@ async fn encryption_symmetric_and_alg_pinned_keys_are_used_only_as_they_say() {
         async move { client.call(&call).await }
     };
 
+    let fetches = idp.requests().len();
     let token = acme("alice").build();
-    assert_denied(&check(&token).await, "unknown_key", &token, "rsa-1 published with use: enc");
+    assert_denied(&check(&token).await, "unsupported_algorithm", &token, "rsa-1 published with use: enc");
     let token = acme("alice").without_header("kid").build();
     assert_denied(
         &check(&token).await,
@@ -1194,7 +1196,9 @@ async fn encryption_symmetric_and_alg_pinned_keys_are_used_only_as_they_say() {
         .aud("orders")
         .sub("alice")
         .build();
-    assert_denied(&check(&token).await, "unknown_key", &token, "kid of the oct key");
+    assert_denied(&check(&token).await, "unsupported_algorithm", &token, "kid of the oct key");
+    // Both kids are in the set: neither sent subguard fetching it again (min_refetch_seconds: 10).
+    assert_eq!(idp.requests().len(), fetches, "{:?}", idp.requests());
     let token = {
         let header = r#"{"alg":"HS256","kid":"shared"}"#;
         let payload = serde_json::to_string(&alice_claims()).unwrap();

@@ -1175,3 +1175,66 @@ fn raw_minting_signs_arbitrary_segments() {
     let token = sign_segments(&b64("{}"), &b64("{}"), &key, Algorithm::HS256);
     assert_eq!(token.split('.').count(), 3);
 }
+
+/// Key sets as other JWT libraries and identity providers publish them: a `kid` shared by keys of
+/// two types, keys marked for other operations or published with their private half, numbers with
+/// a leading zero octet, and RFC 9864's `Ed25519` name for EdDSA.
+#[tokio::test]
+async fn key_sets_as_other_libraries_publish_them() {
+    let mut jwks: Value = serde_json::from_str(&common::jwks_text("issuer-a.jwks.json")).unwrap();
+    let keys = jwks["keys"].as_array_mut().unwrap();
+    let by_kid = |keys: &[Value], kid: &str| keys.iter().position(|k| k["kid"] == kid).unwrap();
+    let (rsa, ec256, ec384, ed) =
+        (by_kid(keys, "rsa-1"), by_kid(keys, "ec-256"), by_kid(keys, "ec-384"), by_kid(keys, "ed-1"));
+    // One kid on the RSA and the P-256 key (RFC 7517 §4.5 allows it across key types).
+    keys[rsa]["kid"] = "shared".into();
+    keys[ec256]["kid"] = "shared".into();
+    // RSA's modulus with a leading zero octet, as a DER-minded producer writes it.
+    let n = base64::Engine::decode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        keys[rsa]["n"].as_str().unwrap(),
+    )
+    .unwrap();
+    keys[rsa]["n"] = b64([&[0u8][..], &n].concat()).into();
+    // The P-384 key for encryption only; the Ed25519 key with its private half published.
+    keys[ec384]["key_ops"] = json!(["encrypt"]);
+    keys[ed]["d"] = "bm90IGEgcmVhbCBrZXk".into();
+    let config = CONFIG
+        .replace(
+            "algorithms: [\"RS256\", \"PS256\", \"ES256\", \"EdDSA\"]",
+            "algorithms: [\"RS256\", \"ES256\", \"ES384\", \"Ed25519\"]",
+        )
+        .replace("jwks_file: keys/issuer-a.jwks.json\n  globex", "jwks_file: keys/published.json\n  globex");
+    assert!(config.contains("keys/published.json") && config.contains("\"Ed25519\"]"), "{config}");
+    let dir = ConfigDir::with(&config, &users_yaml(now() - 1000));
+    dir.write("keys/published.json", &jwks.to_string());
+    let sg = Subguard::start_in(dir);
+    let mut client = sg.client().await;
+    let mut ask = async |token: String| client.call(&CheckCall::new().tenant("acme").bearer(&token)).await;
+
+    // The shared kid finds the key that fits each algorithm.
+    assert_allowed(&ask(acme("shared", Algorithm::ES256).signed_by("ec-256").build()).await);
+    assert_allowed(&ask(acme("shared", Algorithm::RS256).signed_by("rsa-1").build()).await);
+    // A token whose alg says Ed25519 is EdDSA on an Ed25519 key; the key here is refused, so it
+    // is named as a key subguard does not verify with: unsupported_algorithm, not unknown_key.
+    let ed25519 = acme("ed-1", Algorithm::EdDSA).header("alg", "Ed25519".into()).build();
+    let out = ask(ed25519.clone()).await;
+    assert_acme_401(&out, "unsupported_algorithm", &ed25519);
+    let out = ask(acme("ec-384", Algorithm::ES384).build()).await;
+    let token = acme("ec-384", Algorithm::ES384).build();
+    assert_acme_401(&out, "unsupported_algorithm", &token);
+    let logs = sg.logs().join("\n");
+    assert!(logs.contains("private key material"), "{logs}");
+    assert!(logs.contains("does not include `verify`"), "{logs}");
+    // Neither sent subguard fetching again: the set has those kids.
+    assert!(!logs.contains("no key with kid"), "{logs}");
+}
+
+/// `Ed25519` (RFC 9864) and `EdDSA` name one algorithm: either in the issuer's list allows both.
+#[tokio::test]
+async fn the_ed25519_alg_name_is_eddsa() {
+    let token = acme("ed-1", Algorithm::EdDSA).header("alg", "Ed25519".into()).build();
+    let out = ask_acme(&token).await;
+    assert_allowed(&out);
+    assert_eq!(out.meta("reason"), Some("ok"));
+}

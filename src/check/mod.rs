@@ -802,6 +802,23 @@ async fn verify_signature(
                 });
                 return Err(Reason::UnsupportedAlgorithm);
             }
+            KeyMatch::Unusable(why) => {
+                d.detail = Some(format!(
+                    "kid {:?} names a key subguard does not verify with: {why}",
+                    kid.unwrap_or_default()
+                ));
+                note(&mut trace, || {
+                    key_step(
+                        issuer,
+                        Some(keys),
+                        kid,
+                        refetched,
+                        Status::Fail,
+                        d.detail.clone().unwrap_or_default(),
+                    )
+                });
+                return Err(Reason::UnsupportedAlgorithm);
+            }
             KeyMatch::NotFound => {
                 if !refetched && issuer.keys.refetch_on_miss(Some(keys)).await {
                     refetched = true;

@@ -337,7 +337,9 @@ pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
         "PS512" => Some(Algorithm::PS512),
         "ES256" => Some(Algorithm::ES256),
         "ES384" => Some(Algorithm::ES384),
-        "EdDSA" => Some(Algorithm::EdDSA),
+        // RFC 9864's fully-specified name for EdDSA on Ed25519, the only EdDSA curve subguard
+        // verifies: the same algorithm under either name.
+        "EdDSA" | "Ed25519" => Some(Algorithm::EdDSA),
         _ => None,
     }
 }
@@ -1167,11 +1169,11 @@ impl Loader {
                 Some(a) => algorithms.push(a),
                 None if name.starts_with("HS") => self.err(
                     format!("{ip}.algorithms[{j}]"),
-                    format!("`{name}` needs a shared secret; subguard verifies public-key algorithms only (RS*, PS*, ES256, ES384, EdDSA)"),
+                    format!("`{name}` needs a shared secret; subguard verifies public-key algorithms only (RS*, PS*, ES256, ES384, EdDSA / Ed25519)"),
                 ),
                 None => self.err(
                     format!("{ip}.algorithms[{j}]"),
-                    format!("unsupported algorithm `{name}`, expected one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"),
+                    format!("unsupported algorithm `{name}`, expected one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, Ed25519"),
                 ),
             }
         }

@@ -143,6 +143,9 @@ pub struct KeySet {
     pub keys: Vec<VerifyingKey>,
     /// Keys that were left out, and why (for logs and `explain`).
     pub skipped: Vec<String>,
+    /// The `kid`s of the left-out keys, with why: a token naming one is `unsupported_algorithm`
+    /// (the issuer has that key, subguard does not verify with it), not a reason to fetch again.
+    pub unusable: Vec<(String, String)>,
     pub fetched_at: SystemTime,
 }
 
@@ -154,6 +157,7 @@ struct RawJwk {
     #[serde(rename = "use")]
     use_: Option<String>,
     alg: Option<String>,
+    key_ops: Option<Vec<String>>,
     crv: Option<String>,
     n: Option<String>,
     e: Option<String>,
@@ -168,6 +172,9 @@ pub enum KeyMatch<'a> {
     Candidates(Vec<&'a VerifyingKey>),
     /// The `kid` exists but its key cannot verify this algorithm.
     WrongType(&'a VerifyingKey),
+    /// The `kid` names a key of the set that subguard left out (an Ed448 or encryption key, a
+    /// short RSA key...); the text says why.
+    Unusable(&'a str),
     /// No key has this `kid` (or, without `kid`, none fits the algorithm).
     NotFound,
 }
@@ -184,10 +191,17 @@ impl KeySet {
         let doc: Doc = serde_json::from_slice(bytes).map_err(|e| KeyError::NotJwks(e.to_string()))?;
         let mut keys = Vec::new();
         let mut skipped = Vec::new();
+        let mut unusable = Vec::new();
         for (i, v) in doc.keys.into_iter().enumerate() {
+            let kid = v.get("kid").and_then(|k| k.as_str()).map(str::to_string);
             match parse_jwk(v) {
                 Ok(k) => keys.push(k),
-                Err(why) => skipped.push(format!("keys[{i}]: {why}")),
+                Err(why) => {
+                    skipped.push(format!("keys[{i}]: {why}"));
+                    if let Some(kid) = kid {
+                        unusable.push((kid, why));
+                    }
+                }
             }
         }
         if keys.is_empty() {
@@ -195,7 +209,7 @@ impl KeySet {
                 if skipped.is_empty() { String::new() } else { format!(" ({})", skipped.join("; ")) };
             return Err(KeyError::NoUsableKeys(detail));
         }
-        Ok(KeySet { keys, skipped, fetched_at: SystemTime::now() })
+        Ok(KeySet { keys, skipped, unusable, fetched_at: SystemTime::now() })
     }
 
     /// Whether no key of the set can verify any of `algorithms`: every token of such an issuer
@@ -204,14 +218,22 @@ impl KeySet {
         !self.keys.iter().any(|k| algorithms.iter().any(|&a| k.accepts(a)))
     }
 
-    /// Finds the keys that may verify a token with this `kid` and `alg`.
+    /// Finds the keys that may verify a token with this `kid` and `alg`. A `kid` may name keys of
+    /// several types (RFC 7517 §4.5 allows it when they differ in `kty`): the ones that fit `alg`
+    /// are the candidates.
     pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> KeyMatch<'_> {
         match kid {
-            Some(kid) => match self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)) {
-                Some(k) if k.accepts(alg) => KeyMatch::Candidates(vec![k]),
-                Some(k) => KeyMatch::WrongType(k),
-                None => KeyMatch::NotFound,
-            },
+            Some(kid) => {
+                let mut named = self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).peekable();
+                let Some(&first) = named.peek() else {
+                    return match self.unusable.iter().find(|(k, _)| k == kid) {
+                        Some((_, why)) => KeyMatch::Unusable(why),
+                        None => KeyMatch::NotFound,
+                    };
+                };
+                let fitting: Vec<_> = named.filter(|k| k.accepts(alg)).collect();
+                if fitting.is_empty() { KeyMatch::WrongType(first) } else { KeyMatch::Candidates(fitting) }
+            }
             None => {
                 let fitting: Vec<_> = self.keys.iter().filter(|k| k.accepts(alg)).collect();
                 if fitting.is_empty() { KeyMatch::NotFound } else { KeyMatch::Candidates(fitting) }
@@ -220,12 +242,28 @@ impl KeySet {
     }
 }
 
+/// The members of a private JWK (RFC 7518 §6.2.2, §6.3.2, RFC 8037 §2) that a public one lacks.
+const PRIVATE_MEMBERS: [&str; 7] = ["d", "p", "q", "dp", "dq", "qi", "oth"];
+
 fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
+    let is_oct = v.get("kty").and_then(|k| k.as_str()) == Some("oct");
+    if !is_oct && let Some(m) = PRIVATE_MEMBERS.iter().find(|m| v.get(**m).is_some()) {
+        // Whoever can read the set can sign with this key: trusting it would let anyone in.
+        return Err(format!(
+            "the key holds private key material (`{m}`): a JWKS must publish public keys only, and \
+             whoever can read this one can sign tokens with this key"
+        ));
+    }
     let jwk: RawJwk = serde_json::from_value(v).map_err(|e| format!("not a JWK: {e}"))?;
     if let Some(u) = &jwk.use_
         && u != "sig"
     {
         return Err(format!("use is `{u}`, not `sig`"));
+    }
+    if let Some(ops) = &jwk.key_ops
+        && !ops.iter().any(|o| o == "verify")
+    {
+        return Err(format!("key_ops {ops:?} does not include `verify`"));
     }
     let alg = match jwk.alg.as_deref() {
         None => None,
@@ -241,7 +279,10 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
             let n = URL_SAFE_NO_PAD
                 .decode(n.trim_end_matches('='))
                 .map_err(|_| "a key member is not base64url".to_string())?;
-            let bits = n.iter().skip_while(|&&b| b == 0).count() * 8;
+            // RFC 7518 §6.3.1 wants no leading zero octets; some producers add one (a DER habit).
+            // The integer is the same, and aws-lc refuses the non-minimal form.
+            let n = without_leading_zeros(&n);
+            let bits = n.len() * 8;
             if bits < MIN_RSA_BITS {
                 return Err(format!("RSA key of {bits} bits is shorter than {MIN_RSA_BITS}"));
             }
@@ -249,7 +290,7 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
                 return Err(format!("RSA key of {bits} bits is longer than {MAX_RSA_BITS}"));
             }
             let e = URL_SAFE_NO_PAD.decode(e.trim_end_matches('=')).map_err(|_| "`e` is not base64url")?;
-            let components = RsaPublicKeyComponents { n: &n[..], e: &e[..] };
+            let components = RsaPublicKeyComponents { n, e: without_leading_zeros(&e) };
             let mut parsed = Vec::new();
             for (a, params) in
                 rsa_algorithms().into_iter().filter(|(a, _)| alg.is_none_or(|pinned| pinned == *a))
@@ -269,18 +310,29 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
             };
             let x = need(&jwk.x, "x")?;
             let y = need(&jwk.y, "y")?;
-            let expected = if kind == KeyKind::EcP256 { 32 } else { 48 };
-            let point = match (URL_SAFE_NO_PAD.decode(&x), URL_SAFE_NO_PAD.decode(&y)) {
-                (Ok(x), Ok(y)) if x.len() == expected && y.len() == expected => {
-                    [&[0x04][..], &x, &y].concat()
+            let size = if kind == KeyKind::EcP256 { 32 } else { 48 };
+            let mut point = vec![0x04];
+            for (name, value) in [("x", &x), ("y", &y)] {
+                let raw = URL_SAFE_NO_PAD.decode(value).map_err(|_| format!("`{name}` is not base64url"))?;
+                // RFC 7518 §6.2.1.2 wants the full size; some producers drop leading zero octets
+                // (or add one). The coordinate is the same number: pad or trim it to the size.
+                let raw = without_leading_zeros(&raw);
+                if raw.len() > size {
+                    return Err(format!(
+                        "`{name}` is {} bytes, longer than a {} coordinate ({size})",
+                        raw.len(),
+                        kind.name()
+                    ));
                 }
-                _ => return Err("EC coordinates do not fit the curve".into()),
-            };
+                point.resize(point.len() + size - raw.len(), 0);
+                point.extend_from_slice(raw);
+            }
             let (a, params) = match kind {
                 KeyKind::EcP256 => (Algorithm::ES256, &sig::ECDSA_P256_SHA256_FIXED),
                 _ => (Algorithm::ES384, &sig::ECDSA_P384_SHA384_FIXED),
             };
-            let key = ParsedPublicKey::new(params, &point).map_err(|e| format!("invalid key: {e}"))?;
+            let key = ParsedPublicKey::new(params, &point)
+                .map_err(|e| format!("invalid key: the point is not on {} ({e})", kind.name()))?;
             (kind, vec![(a, key)])
         }
         Some("OKP") => {
@@ -319,6 +371,10 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
     let mut fingerprint = [0u8; 32];
     fingerprint.copy_from_slice(ctx.finish().as_ref());
     Ok(VerifyingKey { kid: jwk.kid, fingerprint, kind, alg, parsed })
+}
+
+fn without_leading_zeros(bytes: &[u8]) -> &[u8] {
+    &bytes[bytes.iter().take_while(|&&b| b == 0).count()..]
 }
 
 /// Key URLs must be `https`, except loopback addresses, which may use `http` (local setups and
@@ -631,7 +687,7 @@ pub fn self_test() -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use aws_lc_rs::rand::SystemRandom;
-    use aws_lc_rs::signature::{EcdsaKeyPair, Ed25519KeyPair, RsaKeyPair};
+    use aws_lc_rs::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
 
     const MESSAGE: &[u8] = b"eyJhbGciOiJSUzI1NiIsImtpZCI6InJzYS0xIn0.eyJzdWIiOiJ1LTEifQ";
 
@@ -774,5 +830,90 @@ mod tests {
         assert_eq!(set.skipped.len(), 2, "{:?}", set.skipped);
         assert!(set.skipped[0].starts_with("keys[1]: invalid key"), "{:?}", set.skipped);
         assert_eq!(set.skipped[1], "keys[4]: RSA key of 16384 bits is longer than 8192");
+    }
+
+    fn set_of(doc: &serde_json::Value) -> KeySet {
+        KeySet::from_jwks(&serde_json::to_vec(doc).unwrap()).unwrap()
+    }
+
+    fn fixture_doc() -> serde_json::Value {
+        serde_json::from_slice(&fixture("issuer-a.jwks.json")).unwrap()
+    }
+
+    #[test]
+    fn keys_for_other_operations_or_with_private_parts_are_never_used() {
+        let mut doc = fixture_doc();
+        doc["keys"][0]["key_ops"] = serde_json::json!(["encrypt", "wrapKey"]);
+        doc["keys"][1]["key_ops"] = serde_json::json!(["verify"]);
+        // A private key published by mistake: whoever read the set could sign with it.
+        doc["keys"][2]["d"] = "AAAA".into();
+        let set = set_of(&doc);
+        let kids: Vec<_> = set.keys.iter().filter_map(|k| k.kid.as_deref()).collect();
+        assert_eq!(kids, ["ec-256", "ed-1"]);
+        assert!(set.skipped[0].contains("key_ops [\"encrypt\", \"wrapKey\"] does not include `verify`"));
+        assert!(set.skipped[1].contains("private key material (`d`)"), "{:?}", set.skipped);
+        // A token naming a left-out key is told why, and is not sent fetching again.
+        match set.find(Some("rsa-1"), Algorithm::RS256) {
+            KeyMatch::Unusable(why) => assert!(why.contains("key_ops"), "{why}"),
+            _ => panic!("rsa-1 should be unusable"),
+        }
+        assert!(matches!(set.find(Some("ec-384"), Algorithm::ES384), KeyMatch::Unusable(_)));
+        assert!(matches!(set.find(Some("nope"), Algorithm::ES384), KeyMatch::NotFound));
+    }
+
+    #[test]
+    fn numbers_written_with_leading_zeros_or_short_are_the_same_key() {
+        let mut doc = fixture_doc();
+        let pad = |v: &serde_json::Value, zeros: usize| {
+            let raw = URL_SAFE_NO_PAD.decode(v.as_str().unwrap()).unwrap();
+            URL_SAFE_NO_PAD.encode([vec![0; zeros], raw].concat())
+        };
+        doc["keys"][0]["n"] = pad(&doc["keys"][0]["n"], 1).into();
+        doc["keys"][0]["e"] = pad(&doc["keys"][0]["e"], 2).into();
+        // The P-256 key with a zero octet in front of x: trimmed back to 32 bytes.
+        doc["keys"][1]["x"] = pad(&doc["keys"][1]["x"], 1).into();
+        let set = set_of(&doc);
+        assert!(set.skipped.is_empty(), "{:?}", set.skipped);
+        assert!(key(&set, "rsa-1").verify(Algorithm::RS256, MESSAGE, &sign("rsa-1", Algorithm::RS256)));
+        assert!(key(&set, "ec-256").verify(Algorithm::ES256, MESSAGE, &sign("ec-256", Algorithm::ES256)));
+        // A P-256 key whose x starts with a zero octet (one key in 256), published without it.
+        let rng = SystemRandom::new();
+        let alg = &sig::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pair = std::iter::repeat_with(|| {
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+            EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref()).unwrap()
+        })
+        .find(|p| p.public_key().as_ref()[1] == 0)
+        .unwrap();
+        let point = pair.public_key().as_ref();
+        let short = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "short",
+            "x": URL_SAFE_NO_PAD.encode(&point[2..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..])}]});
+        let set = set_of(&short);
+        let signature = URL_SAFE_NO_PAD.encode(pair.sign(&rng, MESSAGE).unwrap());
+        assert!(key(&set, "short").verify(Algorithm::ES256, MESSAGE, &signature));
+        let mut doc = fixture_doc();
+        doc["keys"][1]["x"] = URL_SAFE_NO_PAD.encode([1u8; 33]).into();
+        assert!(set_of(&doc).skipped[0].contains("`x` is 33 bytes, longer than a EC P-256 coordinate (32)"));
+    }
+
+    #[test]
+    fn one_kid_on_keys_of_two_types_finds_the_one_that_fits() {
+        let mut doc = fixture_doc();
+        doc["keys"][1]["kid"] = "shared".into(); // ec-256
+        doc["keys"][0]["kid"] = "shared".into(); // rsa-1
+        let set = set_of(&doc);
+        match set.find(Some("shared"), Algorithm::ES256) {
+            KeyMatch::Candidates(c) => {
+                assert_eq!(c.iter().map(|k| k.kind).collect::<Vec<_>>(), [KeyKind::EcP256])
+            }
+            _ => panic!("the EC key fits ES256"),
+        }
+        match set.find(Some("shared"), Algorithm::PS256) {
+            KeyMatch::Candidates(c) => {
+                assert_eq!(c.iter().map(|k| k.kind).collect::<Vec<_>>(), [KeyKind::Rsa])
+            }
+            _ => panic!("the RSA key fits PS256"),
+        }
+        assert!(matches!(set.find(Some("shared"), Algorithm::EdDSA), KeyMatch::WrongType(_)));
     }
 }

@@ -190,6 +190,11 @@ async fn directory_unavailable_on_invalid_json_or_field_types() {
         ("id-number", Answer::user(json!({"id": 5}))),
         ("disabled-string", Answer::user(json!({"disabled": "yes"}))),
         ("tva-string", Answer::user(json!({"tokens_valid_after": "soon"}))),
+        // An id the upstream would read as another user: HTTP drops the spaces around a header.
+        ("id-spaced", Answer::user(json!({"id": "u-1 "}))),
+        ("role-spaced", Answer::user(json!({"roles": [" admin"]}))),
+        // No id, so the sub is forwarded, and this sub ends with a space.
+        ("spaced-sub ", Answer::user(json!({}))),
     ];
     for (sub, answer) in answers {
         dir().set(sub, answer);

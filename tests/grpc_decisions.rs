@@ -1238,3 +1238,28 @@ async fn the_ed25519_alg_name_is_eddsa() {
     assert_allowed(&out);
     assert_eq!(out.meta("reason"), Some("ok"));
 }
+
+/// HTTP drops spaces and tabs around a header value: a users-file entry `bob ` without `id` would
+/// reach the application as `bob`, another user. It loads with a warning and is never allowed;
+/// with an `id` it is a user like any other.
+#[tokio::test]
+async fn a_sub_with_outer_spaces_is_never_forwarded_as_the_user_id() {
+    let users = "acme:\n  - sub: bob\n  - sub: \"bob \"\n  - sub: \" carol\"\n    id: u-carol\n";
+    let sg = Subguard::start(CONFIG, users);
+    let mut client = sg.client().await;
+    let mut ask = async |sub: &str| {
+        client.call(&CheckCall::new().tenant("acme").bearer(&acme_rs256().sub(sub).build())).await
+    };
+    let out = ask("bob ").await;
+    let body = assert_deny(&out, "internal_error", 500, Some("acme"));
+    assert_eq!(body["code"], "internal_error");
+    let out = ask("bob").await;
+    assert_allowed(&out);
+    assert_eq!(out.header("x-user-id"), Some("bob"));
+    let out = ask(" carol").await;
+    assert_allowed(&out);
+    assert_eq!(out.header("x-user-id"), Some("u-carol"));
+    let logs = sg.logs().join("\n");
+    assert!(logs.contains("without an `id` have a sub that starts or ends with a space or tab"), "{logs}");
+    assert!(logs.contains("give the user an `id`"), "the deny's detail is logged: {logs}");
+}

@@ -580,6 +580,19 @@ impl Policy {
                 }
             }
         }
+        if crate::directory::has_outer_whitespace(&user.id) {
+            // Forwarded, `bob ` would reach the upstream as `bob`: another user. Only a users-file
+            // entry without `id` gets here (remote answers and explicit ids are refused earlier).
+            d.detail = Some(format!(
+                "the user id {:?} starts or ends with a space or tab, which a forwarded header cannot carry \
+                 (the upstream would read another user); give the user an `id`",
+                &*user.id
+            ));
+            note(&mut trace, || {
+                step("user", Status::Fail, d.detail.clone().unwrap_or_default(), Value::Null)
+            });
+            return Err(Reason::InternalError);
+        }
         note(&mut trace, || {
             step(
                 "user",

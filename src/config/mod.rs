@@ -602,6 +602,28 @@ impl Loader {
                         self.warnings.push(w);
                     }
                 }
+                if let Some(listed) = users.tenants.get(name) {
+                    let mut spaced: Vec<&str> = listed
+                        .values()
+                        .map(|u| &*u.id)
+                        .filter(|id| crate::directory::has_outer_whitespace(id))
+                        .collect();
+                    if !spaced.is_empty() {
+                        spaced.sort_unstable();
+                        self.warnings.push(ConfigError::new(
+                            path.display().to_string(),
+                            format!(
+                                "{name}: {} user(s) without an `id` have a sub that starts or ends with a space or \
+                                 tab ({:?}{}); HTTP drops those around a header value, so the upstream would \
+                                 see another user: such users are never allowed (internal_error) until they \
+                                 have an `id`",
+                                spaced.len(),
+                                spaced[0],
+                                if spaced.len() > 1 { ", ..." } else { "" }
+                            ),
+                        ));
+                    }
+                }
                 if !users.tenants.contains_key(name) {
                     self.warnings.push(ConfigError::new(
                         format!("tenants.{name}"),

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::{Lookup, User, plain_yaml};
+use super::{Lookup, User, has_outer_whitespace, plain_yaml};
 use crate::config::{ConfigError, deserialize_at, io_reason, raw::FileUser};
 
 /// The users of one tenant by sub. Hashed with foldhash rather than SipHash: the keys come from
@@ -367,14 +367,12 @@ fn checked(
     if sub.is_empty() {
         return Err(ConfigError::new(format!("{}.sub", at()), "must not be empty"));
     }
-    if user_roles
-        .iter()
-        .map(AsRef::as_ref)
-        .any(|r| r.is_empty() || r.contains(',') || r.chars().any(char::is_control))
-    {
+    if user_roles.iter().map(AsRef::as_ref).any(|r| {
+        r.is_empty() || r.contains(',') || r.chars().any(char::is_control) || has_outer_whitespace(r)
+    }) {
         return Err(ConfigError::new(
             format!("{}.roles", at()),
-            "a role must be non-empty and contain no comma or control character",
+            "a role must be non-empty, contain no comma or control character, and not start or end with a space or tab",
         ));
     }
     // The id (or the sub standing in for it) becomes a request header upstream: never an empty one.
@@ -384,10 +382,27 @@ fn checked(
             "must not be empty (leave it out to forward the sub)",
         ));
     }
-    let id = id.unwrap_or(sub);
-    if id.chars().any(char::is_control) {
-        return Err(ConfigError::new(format!("{}.id", at()), "must not contain control characters"));
+    if let Some(id) = id {
+        if id.chars().any(char::is_control) {
+            return Err(ConfigError::new(format!("{}.id", at()), "must not contain control characters"));
+        }
+        if has_outer_whitespace(id) {
+            return Err(ConfigError::new(
+                format!("{}.id", at()),
+                "must not start or end with a space or tab: HTTP drops them around a header value, so the \
+                 upstream would see another user",
+            ));
+        }
+    } else if sub.chars().any(char::is_control) {
+        return Err(ConfigError::new(
+            format!("{}.sub", at()),
+            "is forwarded as the user id (there is no `id`), and a header value cannot carry control \
+             characters: give this user an `id`",
+        ));
     }
+    // A sub with a space or tab at either end and no `id` loads (it may be there to show that
+    // `bob ` is not `bob`); the config warns, and such a user is never allowed (check/mod.rs).
+    let id = id.unwrap_or(sub);
     let user = User { id: Arc::from(id), roles: roles.get(user_roles), disabled, tokens_valid_after };
     Ok((Box::from(sub), user))
 }
@@ -482,6 +497,35 @@ mod tests {
         }
         assert!(UsersFile::parse(pairs[0].0).is_ok());
         assert!(UsersFile::parse(pairs[1].0).is_err());
+    }
+
+    /// What is forwarded as a header must reach the upstream as it is: HTTP drops spaces and tabs
+    /// around a header value, so `bob ` would arrive as `bob`, another user.
+    #[test]
+    fn forwarded_values_with_outer_spaces_are_refused_where_they_are_written() {
+        let errors = |yaml: &str| -> Vec<String> {
+            match UsersFile::parse(yaml) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.iter().map(ToString::to_string).collect(),
+            }
+        };
+        // A sub forwarded as the id loads: the config warns, and the check refuses to forward it.
+        let file = UsersFile::parse("acme:\n  - sub: \"bob \"\n").unwrap();
+        assert_eq!(&*file.tenants["acme"]["bob "].id, "bob ");
+        // With an id, such a sub is a user like any other: the id is what is forwarded.
+        let file = UsersFile::parse("acme:\n  - sub: \"bob \"\n    id: u-7\n").unwrap();
+        assert_eq!(&*file.tenants["acme"]["bob "].id, "u-7");
+        let e = errors("acme:\n  - sub: bob\n    id: \" u-7\"\n");
+        assert_eq!(
+            e,
+            [
+                "acme[0].id: must not start or end with a space or tab: HTTP drops them around a header value, so the upstream would see another user"
+            ]
+        );
+        let e = errors("acme:\n  - sub: bob\n    roles: [\"admin \"]\n");
+        assert!(e[0].starts_with("acme[0].roles: a role must be non-empty"), "{e:?}");
+        // Spaces inside are fine, in all three.
+        assert!(UsersFile::parse("acme:\n  - sub: bob smith\n    roles: [super user]\n").is_ok());
     }
 
     /// The shortcut for JSON users (borrowed strings, typed fields) never changes what is accepted

@@ -8,7 +8,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use serde::Deserialize;
 
-use super::{FetchError, Lookup, User};
+use super::{FetchError, Lookup, User, has_outer_whitespace};
 
 /// Everything outside RFC 3986 *unreserved* (`A-Z a-z 0-9 - . _ ~`) is encoded, so a `sub` can
 /// never add a path segment, a query or a fragment.
@@ -121,12 +121,26 @@ pub fn user_from(
     tokens_valid_after: Option<i64>,
 ) -> Result<User, FetchError> {
     // Both end up in request headers for the upstream.
-    if roles.iter().any(|r| r.is_empty() || r.contains(',') || r.bytes().any(|b| b.is_ascii_control())) {
-        return Err(FetchError::Data("a role is empty or contains a comma or control character".into()));
+    if roles.iter().any(|r| {
+        r.is_empty() || r.contains(',') || r.bytes().any(|b| b.is_ascii_control()) || has_outer_whitespace(r)
+    }) {
+        return Err(FetchError::Data(
+            "a role is empty, contains a comma or control character, or starts or ends with a space or tab"
+                .into(),
+        ));
     }
-    let id = id.filter(|i| !i.is_empty()).unwrap_or_else(|| sub.to_string());
+    let (id, which) = match id.filter(|i| !i.is_empty()) {
+        Some(id) => (id, "the user id"),
+        None => (sub.to_string(), "the sub, forwarded as the user id (the answer has no id),"),
+    };
     if id.bytes().any(|b| b.is_ascii_control()) {
-        return Err(FetchError::Data("the user id contains control characters".into()));
+        return Err(FetchError::Data(format!("{which} contains control characters")));
+    }
+    // HTTP drops spaces and tabs around a header value: the upstream would see another user.
+    if has_outer_whitespace(&id) {
+        return Err(FetchError::Data(format!(
+            "{which} starts or ends with a space or tab, which a forwarded header value cannot carry"
+        )));
     }
     Ok(User {
         id: id.into(),
@@ -323,5 +337,21 @@ mod tests {
         assert_eq!((&*u.id, u.roles.as_deref()), ("s", Some("a,b")));
         assert!(user_from("s", None, vec!["a,b".into()], false, None).is_err());
         assert!(user_from("s", Some("x\ny".into()), vec![], false, None).is_err());
+        // HTTP drops spaces and tabs around a header value: the upstream would see another user.
+        for (sub, id, role) in
+            [("bob ", None, "r"), ("bob", Some(" u-1"), "r"), ("bob", Some("u-1 "), "r"), ("bob", None, "r ")]
+        {
+            let e = user_from(sub, id.map(str::to_string), vec![role.into()], false, None).unwrap_err();
+            assert!(
+                matches!(e, FetchError::Data(ref m) if m.contains("space or tab")),
+                "{sub:?} {id:?} {role:?}: {e:?}"
+            );
+        }
+        let e = user_from("bob ", None, vec![], false, None).unwrap_err();
+        assert!(
+            matches!(e, FetchError::Data(ref m) if m.starts_with("the sub, forwarded as the user id")),
+            "{e:?}"
+        );
+        assert_eq!(&*user_from("bob ", Some("u-1".into()), vec![], false, None).unwrap().id, "u-1");
     }
 }

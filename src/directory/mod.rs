@@ -25,6 +25,13 @@ use crate::telemetry::Metrics;
 use breaker::{Breaker, BreakerState, Permit};
 use cache::{DirectoryCache, Served};
 
+/// Whether `value` has a space or tab at either end. HTTP drops those around a header value
+/// (RFC 9110 §5.5), so a user id or role forwarded with them reaches the upstream as another
+/// value: `bob ` would be read as `bob`, another user.
+pub fn has_outer_whitespace(value: &str) -> bool {
+    value.starts_with([' ', '\t']) || value.ends_with([' ', '\t'])
+}
+
 /// A user as the directory knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {

@@ -334,15 +334,16 @@ impl Policy {
         let raw = match token::bearer(req.header("authorization")) {
             Ok(raw) => raw,
             Err(r) => {
+                if let (Reason::MalformedToken, Some(value)) = (r, req.header("authorization")) {
+                    d.detail = Some(token::why_bearer_malformed(value));
+                }
                 note(&mut trace, || {
                     let summary = match (r, req.header("authorization")) {
                         (Reason::MissingToken, None) => "no Authorization header".to_string(),
                         (Reason::MissingToken, Some(_)) => {
                             "the Authorization header holds no Bearer token".to_string()
                         }
-                        _ => "the Bearer value has characters a compact JWS cannot contain (a repeated \
-                              header joined by a comma, spaces, `+/=`)"
-                            .to_string(),
+                        _ => d.detail.clone().unwrap_or_default(),
                     };
                     step("token", Status::Fail, summary, Value::Null)
                 });
@@ -619,6 +620,9 @@ impl Policy {
         mut trace: Option<&mut Trace>,
     ) -> Result<TokenFacts, Reason> {
         let parsed = token::parse(raw);
+        if parsed.is_err() {
+            d.detail = Some(token::why_malformed(raw));
+        }
         note(&mut trace, || {
             let (header, claims) = explain::decode_for_display(raw);
             let data = json!({
@@ -637,8 +641,7 @@ impl Policy {
                 Err(_) => step(
                     "token",
                     Status::Fail,
-                    "not a well-formed compact JWS (three base64url parts of JSON objects, no crit, \
-                     claims of the right types)",
+                    format!("not a well-formed compact JWS: {}", d.detail.as_deref().unwrap_or_default()),
                     data,
                 ),
             }

@@ -161,6 +161,128 @@ fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, Reason> 
     serde_json::from_str(text).map_err(|_| Reason::MalformedToken)
 }
 
+/// Why [`bearer`] found the `Authorization` value malformed, for the deny's detail: the kind of
+/// character, never the value itself. Runs only on that deny path.
+pub fn why_bearer_malformed(authorization: &str) -> String {
+    let token = authorization
+        .trim_matches([' ', '\t'])
+        .split_once([' ', '\t'])
+        .map_or("", |(_, rest)| rest.trim_start_matches([' ', '\t']));
+    if authorization.contains(',') {
+        return "two authorization headers (Envoy joins repeated headers with a comma): a request carries one token".into();
+    }
+    let what = match token.bytes().find(|&b| !is_jws_text(&[b])) {
+        Some(b' ' | b'\t') => "a space or tab inside the token",
+        Some(b'+' | b'/') => "standard base64 (`+` or `/`) where a JWS uses base64url (`-`, `_`)",
+        Some(b'=') => "base64 padding (`=`), which a JWS leaves out",
+        Some(b) if b.is_ascii_control() => "a control character",
+        Some(b) if !b.is_ascii() => "a non-ASCII character",
+        _ => "a character outside base64url and `.`",
+    };
+    format!("the Bearer value holds {what}")
+}
+
+/// Why [`parse`] refused `token`, for the deny's detail and `explain`: which part, and what is
+/// wrong with it, in [`parse`]'s order. Runs only on the deny path; it names members and JSON
+/// types, never the token's content.
+pub fn why_malformed(token: &str) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    match parts.len() {
+        3 => {}
+        5 => return "five dot-separated parts: an encrypted token (JWE), not a signed one (JWS)".into(),
+        n => return format!("{n} dot-separated part(s); a compact JWS has three"),
+    }
+    for (name, part) in [("header", parts[0]), ("payload", parts[1])] {
+        if part.is_empty() {
+            return format!("the {name} part is empty");
+        }
+        let Ok(bytes) = URL_SAFE_NO_PAD.decode(part) else {
+            return format!("the {name} part is not base64url without padding");
+        };
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            return format!("the {name} is not UTF-8");
+        };
+        let map = match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(serde_json::Value::Object(map)) => map,
+            Ok(other) => return format!("the {name} is {} in JSON, not an object", json_type(&other)),
+            Err(_) => return format!("the {name} is not valid JSON"),
+        };
+        let problem = if name == "header" { header_problem(&map) } else { claims_problem(&map) };
+        if let Some(problem) = problem {
+            return problem;
+        }
+        let typed = if name == "header" {
+            serde_json::from_str::<Header>(text).err()
+        } else {
+            serde_json::from_str::<Claims>(text).err()
+        };
+        if typed.is_some() {
+            return format!("the {name} gives a member subguard reads more than once");
+        }
+    }
+    if URL_SAFE_NO_PAD.decode(parts[2]).is_err() {
+        return "the signature part is not base64url without padding".into();
+    }
+    "not a well-formed compact JWS".into()
+}
+
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+fn header_problem(header: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    use serde_json::Value;
+    match header.get("alg") {
+        None => return Some("the header has no alg".into()),
+        Some(Value::String(_)) => {}
+        Some(v) => return Some(format!("the header's alg is {}, not a string", json_type(v))),
+    }
+    match header.get("kid") {
+        None | Some(Value::Null | Value::String(_)) => {}
+        Some(v) => return Some(format!("the header's kid is {}, not a string", json_type(v))),
+    }
+    header.contains_key("crit").then(|| {
+        "the header has a crit member: subguard implements no JWS extension (RFC 7515 §4.1.11)".into()
+    })
+}
+
+fn claims_problem(claims: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    use serde_json::Value;
+    for name in ["iss", "sub", "jti"] {
+        match claims.get(name) {
+            None | Some(Value::Null | Value::String(_)) => {}
+            Some(v) => return Some(format!("claim {name} is {}, not a string", json_type(v))),
+        }
+    }
+    match claims.get("aud") {
+        None | Some(Value::Null | Value::String(_)) => {}
+        Some(Value::Array(items)) => {
+            if let Some(v) = items.iter().find(|v| !v.is_string()) {
+                return Some(format!("claim aud holds {}: an array of strings only", json_type(v)));
+            }
+        }
+        Some(v) => {
+            return Some(format!("claim aud is {}, not a string or an array of strings", json_type(v)));
+        }
+    }
+    for name in ["exp", "nbf", "iat"] {
+        match claims.get(name) {
+            None | Some(Value::Null | Value::Number(_)) => {}
+            Some(v) => {
+                return Some(format!("claim {name} is {}, not a number (NumericDate)", json_type(v)));
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,5 +410,60 @@ mod tests {
         assert!(!Audience::One("billing".into()).contains_any(&acc));
         assert!(Audience::Many(vec!["x".into(), "orders".into()]).contains_any(&acc));
         assert!(!Audience::Many(vec![]).contains_any(&acc));
+    }
+
+    /// Each refusal is explained by what is wrong and where, without quoting the token.
+    #[test]
+    fn why_a_token_is_malformed() {
+        let h = r#"{"alg":"RS256","kid":"k1"}"#;
+        let c = r#"{"iss":"i","sub":"s","exp":1}"#;
+        let cases = [
+            ("a.b".to_string(), "2 dot-separated part(s); a compact JWS has three"),
+            (
+                "a.b.c.d.e".to_string(),
+                "five dot-separated parts: an encrypted token (JWE), not a signed one (JWS)",
+            ),
+            (format!(".{}.x", b64(c)), "the header part is empty"),
+            (format!("{}=.{}.x", b64(h), b64(c)), "the header part is not base64url without padding"),
+            (format!("{}.{}.x", b64("[1]"), b64(c)), "the header is an array in JSON, not an object"),
+            (format!("{}.{}.x", b64("{"), b64(c)), "the header is not valid JSON"),
+            (token(r#"{"kid":"k"}"#, c), "the header has no alg"),
+            (token(r#"{"alg":5}"#, c), "the header's alg is a number, not a string"),
+            (token(r#"{"alg":"RS256","kid":7}"#, c), "the header's kid is a number, not a string"),
+            (
+                token(r#"{"alg":"RS256","crit":["b64"]}"#, c),
+                "the header has a crit member: subguard implements no JWS extension (RFC 7515 §4.1.11)",
+            ),
+            (
+                token(r#"{"alg":"RS256","alg":"ES256"}"#, c),
+                "the header gives a member subguard reads more than once",
+            ),
+            (token(h, r#"{"sub":42}"#), "claim sub is a number, not a string"),
+            (token(h, r#"{"exp":"1767225600"}"#), "claim exp is a string, not a number (NumericDate)"),
+            (token(h, r#"{"aud":["a",1]}"#), "claim aud holds a number: an array of strings only"),
+            (token(h, r#"{"aud":{"a":1}}"#), "claim aud is an object, not a string or an array of strings"),
+            (
+                format!("{}.{}", b64(h), b64(c)) + ".a+b",
+                "the signature part is not base64url without padding",
+            ),
+        ];
+        for (t, why) in cases {
+            assert_eq!(parse(&t).err(), Some(Reason::MalformedToken), "{t}");
+            assert_eq!(why_malformed(&t), why, "{t}");
+        }
+        let secret_claim = token(h, r#"{"sub":{"password":"hunter2"}}"#);
+        assert!(!why_malformed(&secret_claim).contains("hunter2"));
+        for (value, why) in [
+            ("Bearer a.b.c,Bearer d.e.f", "two authorization headers"),
+            ("Bearer a.b c", "a space or tab inside the token"),
+            ("Bearer a.b+/.c", "standard base64"),
+            ("Bearer a.b.c==", "base64 padding"),
+            ("Bearer a.b\u{7}.c", "a control character"),
+            ("Bearer a.bé.c", "a non-ASCII character"),
+            ("Bearer a.b{.c", "a character outside base64url"),
+        ] {
+            assert_eq!(bearer(Some(value)), Err(Reason::MalformedToken), "{value}");
+            assert!(why_bearer_malformed(value).contains(why), "{value}: {}", why_bearer_malformed(value));
+        }
     }
 }

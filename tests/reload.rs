@@ -347,6 +347,30 @@ async fn a_kubernetes_configmap_symlink_swap_is_picked_up() {
     assert_eq!(reason(&ask(&mut client, "acme", &acme("u-1")).await), Some("user_not_found"));
 }
 
+/// A watch follows the folder it was put on: a config folder deleted and made again, or replaced
+/// by another (a deploy tool's `rm -rf conf && cp -r new conf`), must be watched again, or every
+/// later change, a removed user included, would go unseen.
+#[tokio::test]
+async fn a_replaced_config_folder_is_watched_again() {
+    let sg = Subguard::start(CONFIG, USERS);
+    let mut client = sg.client().await;
+    assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed);
+    let root = sg.dir.path().to_path_buf();
+    let old = root.with_extension("replaced");
+    std::fs::rename(&root, &old).unwrap();
+    let copied = std::process::Command::new("cp").arg("-a").arg(&old).arg(&root).status().unwrap();
+    assert!(copied.success());
+    std::fs::remove_dir_all(&old).unwrap();
+    // The new folder's users file adds u-3.
+    std::fs::write(root.join("users.yaml"), "acme:\n  - sub: u-1\n  - sub: u-3\n").unwrap();
+    let out = eventually(&mut client, "acme", &acme("u-3"), WAIT, |o| o.allowed).await;
+    assert!(out.allowed, "the replaced folder's users file was read: {out:#?}");
+    // And it is watched: a later edit, removing u-1, is seen too.
+    sg.dir.write_users("acme:\n  - sub: u-3\n");
+    let out = eventually(&mut client, "acme", &acme("u-1"), WAIT, |o| !o.allowed).await;
+    assert_eq!(reason(&out), Some("user_not_found"), "a user removed after the swap is gone: {out:#?}");
+}
+
 #[tokio::test]
 async fn no_check_fails_because_of_a_reload() {
     let sg = Subguard::start(CONFIG, USERS);

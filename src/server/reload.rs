@@ -14,7 +14,7 @@
 //! raise them, and once counted they made every check for changes trigger the next. A counted
 //! event leads to a content fingerprint comparison, so editor noise does not cause reloads.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,19 @@ use crate::config::{self, Config, ConfigError, DirectoryKind, KeySource};
 
 /// How long to wait for a burst of file events to settle before reloading.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// How often the watched folders are looked at to see whether one was replaced (deleted and made
+/// again, or another folder renamed over it). A watch follows the folder it was put on, not its
+/// name: events from the new folder never reach it, so only looking finds out.
+const FOLDER_CHECK: Duration = Duration::from_secs(2);
+
+/// A watched folder's identity: its device and inode, `None` when it cannot be read.
+type FolderId = Option<(u64, u64)>;
+
+fn folder_id(folder: &Path) -> FolderId {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(folder).ok().map(|m| (m.dev(), m.ino()))
+}
 
 /// Every file a config depends on.
 pub fn watched_files(config: &Config) -> BTreeSet<PathBuf> {
@@ -308,7 +321,7 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> tok
             None
         }
     };
-    let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut watched: BTreeMap<PathBuf, FolderId> = BTreeMap::new();
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -335,6 +348,15 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> tok
                 () = async { match retry { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {
                     (KEY_RETRY_TRIGGER, true)
                 }
+                () = tokio::time::sleep(FOLDER_CHECK) => {
+                    if !watched.iter().any(|(folder, id)| folder_id(folder) != *id) {
+                        continue;
+                    }
+                    // Replaced: watch the new folder first, then look for changes made unseen.
+                    tracing::info!("a watched folder was replaced; watching it again");
+                    watch_folders(watcher.as_mut(), &reloader, &mut watched);
+                    ("watched folder replaced", false)
+                }
             };
             let _ = reloader.reload(trigger, force).await;
             watch_folders(watcher.as_mut(), &reloader, &mut watched);
@@ -342,28 +364,36 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> tok
     })
 }
 
-/// Watches the folders of the files the reloader reads now, and no others.
+/// Watches the folders of the files the reloader reads now, and no others. A folder replaced
+/// since it was watched (another inode under the same name) is watched again.
 fn watch_folders(
     watcher: Option<&mut notify::RecommendedWatcher>,
     reloader: &Reloader,
-    watched: &mut BTreeSet<PathBuf>,
+    watched: &mut BTreeMap<PathBuf, FolderId>,
 ) {
     let Some(w) = watcher else { return };
     let wanted = reloader.folders();
-    for gone in watched.difference(&wanted).cloned().collect::<Vec<_>>() {
+    let replaced = |(folder, id): (&PathBuf, &FolderId)| !wanted.contains(folder) || folder_id(folder) != *id;
+    for gone in watched.iter().filter(|&entry| replaced(entry)).map(|(f, _)| f.clone()).collect::<Vec<_>>() {
         // A folder that no longer exists (an old ConfigMap version) is unwatched already.
         let _ = w.unwatch(&gone);
         watched.remove(&gone);
     }
     for folder in wanted {
-        if !watched.contains(&folder) {
-            match w.watch(&folder, RecursiveMode::NonRecursive) {
-                Ok(()) => {
-                    watched.insert(folder);
-                }
-                Err(e) => {
-                    tracing::warn!(folder = %folder.display(), error = %e, "cannot watch folder")
-                }
+        let std::collections::btree_map::Entry::Vacant(entry) = watched.entry(folder) else { continue };
+        let folder = entry.key();
+        let id = folder_id(folder);
+        match w.watch(folder, RecursiveMode::NonRecursive) {
+            // A folder that is gone for now (deleted, to be made again) is remembered as missing,
+            // so the folder check watches it once it is back.
+            Ok(()) | Err(_) if id.is_none() => {
+                entry.insert(None);
+            }
+            Ok(()) => {
+                entry.insert(id);
+            }
+            Err(e) => {
+                tracing::warn!(folder = %folder.display(), error = %e, "cannot watch folder")
             }
         }
     }

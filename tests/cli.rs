@@ -385,6 +385,30 @@ async fn a_health_watch_does_not_hold_shutdown() {
 }
 
 #[test]
+fn idle_or_half_open_connections_do_not_hold_shutdown() {
+    // Clients that never finish their HTTP/2 preface, or ignore the GOAWAY, keep their
+    // connections open; with no check in flight, subguard exits without waiting for them.
+    let mut sg = Subguard::start(&format!("shutdown_grace_seconds: 30\n{GOOD}"), USERS);
+    let idle = std::net::TcpStream::connect(sg.grpc_addr()).unwrap();
+    let mut half = std::net::TcpStream::connect(sg.grpc_addr()).unwrap();
+    std::io::Write::write_all(&mut half, b"PRI * HTTP/2.0\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let signalled = Instant::now();
+    sg.signal("TERM");
+    let code = sg.wait_exit(Duration::from_secs(40));
+    assert_eq!(code, Some(0), "{}", sg.logs().join("\n"));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(20),
+        "held for {:?} of the 30 s grace",
+        signalled.elapsed()
+    );
+    let logs = sg.logs().join("\n");
+    assert!(!logs.contains("grace period over"), "no check was in flight:\n{logs}");
+    assert!(logs.contains("no check in flight; closing connections still open"), "{logs}");
+    drop((idle, half));
+}
+
+#[test]
 fn logs_are_json_lines_by_default_and_text_on_request() {
     let sg = Subguard::start(GOOD, USERS);
     let logs = sg.logs();

@@ -93,6 +93,25 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
+/// Resolves once no check has been in flight for `QUIET` in a row: long enough for a check whose
+/// request arrived just before to start (and be counted), and for the last answers to be written.
+async fn no_checks_in_flight(state: &State) {
+    const QUIET: Duration = Duration::from_millis(500);
+    let mut quiet_since: Option<tokio::time::Instant> = None;
+    loop {
+        let now = tokio::time::Instant::now();
+        if state.in_flight.load(Ordering::Acquire) == 0 {
+            let since = *quiet_since.get_or_insert(now);
+            if now.duration_since(since) >= QUIET {
+                return;
+            }
+        } else {
+            quiet_since = None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs the sidecar until `shutdown` resolves, then drains. Returns an error only if a listener
 /// cannot be bound.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -202,15 +221,28 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     health.stop();
     let _ = stop_tx.send(true);
 
-    let drained = tokio::time::timeout(grace, grpc_task).await;
+    // The drain ends when every connection has closed after its GOAWAY, or, since a client that
+    // ignores the GOAWAY (or never finished its HTTP/2 preface) would otherwise hold the process
+    // for the whole grace period, once no check has been in flight for a moment.
+    let drained = tokio::time::timeout(grace, async {
+        tokio::select! {
+            result = grpc_task => Some(result),
+            () = no_checks_in_flight(&state) => None,
+        }
+    })
+    .await;
     let _ = admin_stop_tx.send(true);
     if let Some(a) = admin_task {
         let _ = tokio::time::timeout(Duration::from_secs(1), a).await;
     }
     match drained {
-        Ok(Ok(())) => tracing::info!("stopped"),
-        Ok(Err(e)) => tracing::error!(error = %e, "grpc server task failed"),
-        Err(_) => tracing::warn!("grace period over with checks still in flight; exiting"),
+        Ok(Some(Ok(()))) => tracing::info!("stopped"),
+        Ok(Some(Err(e))) => tracing::error!(error = %e, "grpc server task failed"),
+        Ok(None) => tracing::info!("stopped: no check in flight; closing connections still open"),
+        Err(_) => tracing::warn!(
+            in_flight = state.in_flight.load(Ordering::Acquire),
+            "grace period over with checks still in flight; exiting"
+        ),
     }
     if let ListenAddr::Unix(path) = &listen.grpc {
         let _ = std::fs::remove_file(path);

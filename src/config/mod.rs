@@ -8,7 +8,7 @@
 
 pub mod raw;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -591,15 +591,19 @@ impl Loader {
             Some(_) => self.err("tenants", "must be a mapping of tenant name to settings"),
         }
 
+        // Each users file once, however many tenants share it (thousands may).
+        let mut files_seen: HashSet<*const UsersFile> = HashSet::new();
         for (name, t) in &tenants {
             if let DirectoryKind::File { path, users } = &t.directory.kind {
-                for other in users.tenants.keys().filter(|k| !tenants.contains_key(*k)) {
-                    let w = ConfigError::new(
-                        path.display().to_string(),
-                        format!("users of `{other}` are never used: no such tenant is configured"),
-                    );
-                    if !self.warnings.contains(&w) {
-                        self.warnings.push(w);
+                if files_seen.insert(Arc::as_ptr(users)) {
+                    let mut unused: Vec<&String> =
+                        users.tenants.keys().filter(|k| !tenants.contains_key(*k)).collect();
+                    unused.sort_unstable();
+                    for other in unused {
+                        self.warnings.push(ConfigError::new(
+                            path.display().to_string(),
+                            format!("users of `{other}` are never used: no such tenant is configured"),
+                        ));
                     }
                 }
                 if let Some(listed) = users.tenants.get(name) {

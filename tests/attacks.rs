@@ -1608,3 +1608,27 @@ fn a_users_file_with_control_characters_in_ids_or_roles_is_refused() {
         assert!(text.contains("acme[0]"), "{what}: the error names the user: {text}");
     }
 }
+
+/// Values taken from an unverified token reach the deny's logged detail cut to 128 bytes: a
+/// forged token with a kilobytes-long `kid`, `alg` or `iss` costs the log no more than any other.
+#[tokio::test]
+async fn long_unverified_header_and_claim_values_are_cut_in_the_log() {
+    let long = |c: char| c.to_string().repeat(1000);
+    let tokens = [
+        ("unknown_key", acme("alice").header("kid", json!(long('k'))).build()),
+        ("unsupported_algorithm", acme("alice").header("alg", json!(long('A'))).build()),
+        ("untrusted_issuer", acme("alice").iss(&long('i')).build()),
+    ];
+    for (code, token) in &tokens {
+        assert_denied(&ask_acme(token).await, code, token, code);
+    }
+    for c in ['k', 'A', 'i'] {
+        let run = c.to_string().repeat(129);
+        let lines: Vec<String> =
+            shared().logs().into_iter().filter(|l| l.contains(&c.to_string().repeat(128))).collect();
+        assert!(!lines.is_empty(), "no log line shows the {c} value");
+        for line in lines {
+            assert!(!line.contains(&run) && line.contains("… (1000 bytes)"), "{line:.400}");
+        }
+    }
+}

@@ -655,8 +655,8 @@ impl Policy {
             d.detail = Some(match claims.iss.as_deref() {
                 None => "the token has no iss".into(),
                 Some(iss) => match self.tenants_trusting(iss, &tenant.name) {
-                    Some(other) => format!("iss {iss:?} is trusted by tenant {other}, not this one"),
-                    None => format!("iss {iss:?} is not trusted by any tenant"),
+                    Some(other) => format!("iss {:?} is trusted by tenant {other}, not this one", clip(iss)),
+                    None => format!("iss {:?} is not trusted by any tenant", clip(iss)),
                 },
             });
             note(&mut trace, || {
@@ -689,7 +689,7 @@ impl Policy {
             None => Vec::new(),
         };
         let Some(alg) = allowed else {
-            d.detail = Some(format!("alg {:?} is not allowed for this issuer", jws.header.alg));
+            d.detail = Some(format!("alg {:?} is not allowed for this issuer", clip(&jws.header.alg)));
             note(&mut trace, || {
                 step(
                     "algorithm",
@@ -736,6 +736,19 @@ impl Policy {
         names.first().copied()
     }
 }
+
+/// At most [`CLIP`] bytes of a value taken from an unverified token, for a deny's detail: the
+/// detail is logged at info for every deny, and a kilobyte-long `kid`, `alg` or `iss` would make
+/// each forged request cost the log that much.
+fn clip(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.len() <= CLIP {
+        return value.into();
+    }
+    let end = (0..=CLIP).rev().find(|&i| value.is_char_boundary(i)).unwrap_or(0);
+    format!("{}… ({} bytes)", &value[..end], value.len()).into()
+}
+
+const CLIP: usize = 128;
 
 /// Key lookup and signature verification, re-fetching the issuer's keys once (rate-limited) when
 /// the token names a key the current set lacks.
@@ -803,7 +816,7 @@ async fn verify_signature(
             KeyMatch::WrongType(key) => {
                 d.detail = Some(format!(
                     "kid {:?} is a {} key, which cannot verify {alg:?}",
-                    kid.unwrap_or_default(),
+                    clip(kid.unwrap_or_default()),
                     key.kind.name()
                 ));
                 note(&mut trace, || {
@@ -821,7 +834,7 @@ async fn verify_signature(
             KeyMatch::Unusable(why) => {
                 d.detail = Some(format!(
                     "kid {:?} names a key subguard does not verify with: {why}",
-                    kid.unwrap_or_default()
+                    clip(kid.unwrap_or_default())
                 ));
                 note(&mut trace, || {
                     key_step(
@@ -842,7 +855,7 @@ async fn verify_signature(
                     continue;
                 }
                 d.detail = Some(match kid {
-                    Some(k) => format!("no key with kid {k:?}"),
+                    Some(k) => format!("no key with kid {:?}", clip(k)),
                     None => format!("no key fits {alg:?}"),
                 });
                 note(&mut trace, || {

@@ -371,6 +371,44 @@ async fn a_replaced_config_folder_is_watched_again() {
     assert_eq!(reason(&out), Some("user_not_found"), "a user removed after the swap is gone: {out:#?}");
 }
 
+/// `cat new > users.yaml` truncates the file and then writes it: for a moment it is empty, then
+/// half written. Rewritten in place over and over, the users file must never be read in such a
+/// moment: a user in every version is allowed throughout, and the last version is applied.
+#[tokio::test]
+async fn a_users_file_rewritten_in_place_is_never_read_half_written() {
+    let sg = Subguard::start(CONFIG, USERS);
+    let mut client = sg.client().await;
+    assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed);
+    let path = sg.dir.users_path();
+    let full = "acme:\n  - sub: u-1\n  - sub: u-filler-0\n".to_string();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        for i in 0..120 {
+            let text = format!("{full}# v{i}\n");
+            let mut f = std::fs::File::create(&path).unwrap();
+            let (a, b) = text.split_at(text.len() / 2);
+            f.write_all(a.as_bytes()).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+            f.write_all(b.as_bytes()).unwrap();
+            drop(f);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::write(&path, "acme:\n  - sub: u-1\n  - sub: u-9\n").unwrap();
+    });
+    let mut denied = Vec::new();
+    while !writer.is_finished() {
+        let out = ask(&mut client, "acme", &acme("u-1")).await;
+        if !out.allowed {
+            denied.push(reason(&out).unwrap_or("?").to_string());
+        }
+    }
+    writer.join().unwrap();
+    assert!(denied.is_empty(), "u-1 is in every version, yet was denied: {denied:?}");
+    let out = eventually(&mut client, "acme", &acme("u-9"), WAIT, |o| o.allowed).await;
+    assert!(out.allowed, "the last version was applied: {out:#?}");
+}
+
 #[tokio::test]
 async fn no_check_fails_because_of_a_reload() {
     let sg = Subguard::start(CONFIG, USERS);

@@ -32,6 +32,11 @@ use crate::config::{self, Config, ConfigError, DirectoryKind, KeySource};
 /// How long to wait for a burst of file events to settle before reloading.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// How long the watched files must hold still before a changed version is read, and after how
+/// long of waiting for that a warning is logged.
+const SETTLE: Duration = Duration::from_millis(250);
+const SETTLE_WARN: Duration = Duration::from_secs(10);
+
 /// How often the watched folders are looked at to see whether one was replaced (deleted and made
 /// again, or another folder renamed over it). A watch follows the folder it was put on, not its
 /// name: events from the new folder never reach it, so only looking finds out.
@@ -139,6 +144,10 @@ pub enum ReloadOutcome {
     Unchanged,
     /// The new version serves now.
     Applied,
+    /// The files changed while they were being read (a file written in place, truncated then
+    /// filled): what was read may be half a file, so it was not applied. The change raises its
+    /// own event, and the next look reads the files again.
+    Torn,
 }
 
 pub struct Reloader {
@@ -207,15 +216,42 @@ impl Reloader {
     /// when the files look unchanged (SIGHUP).
     pub async fn reload(&mut self, trigger: &str, force: bool) -> Result<ReloadOutcome, Vec<ConfigError>> {
         self.refresh_targets();
-        let files = self.files.clone();
-        let now = tokio::task::spawn_blocking(move || fingerprint(&files)).await.unwrap_or([0; 32]);
+        let mut now = self.fingerprint_now().await;
         if !force && now == self.fingerprint {
             tracing::debug!(trigger, "watched files unchanged; nothing to reload");
             return Ok(ReloadOutcome::Unchanged);
         }
+        // A file written in place is empty, then half written, for a moment: wait until the
+        // files hold still for SETTLE before reading them. Files that never do are never read
+        // half-way: the serving version stays until they stop changing.
+        let waiting = tokio::time::Instant::now();
+        let mut warned = false;
+        loop {
+            tokio::time::sleep(SETTLE).await;
+            let again = self.fingerprint_now().await;
+            if again == now {
+                break;
+            }
+            now = again;
+            if !warned && waiting.elapsed() >= SETTLE_WARN {
+                warned = true;
+                tracing::warn!(
+                    trigger,
+                    "watched files keep changing; the reload waits until they hold still for {} ms",
+                    SETTLE.as_millis()
+                );
+            }
+        }
         let retrying = trigger == KEY_RETRY_TRIGGER;
         let mut keys_only = false;
-        let result = self.load_and_swap(&mut keys_only).await;
+        let result = self.load_and_swap(&mut keys_only, now).await;
+        if matches!(&result, Err(e) if e.is_empty()) {
+            tracing::info!(
+                trigger,
+                "watched files changed while being read; reading them again at the next change"
+            );
+            return Ok(ReloadOutcome::Torn);
+        }
         let metrics = &self.state.metrics;
         match &result {
             Ok(()) => {
@@ -251,13 +287,24 @@ impl Reloader {
         result.map(|()| ReloadOutcome::Applied)
     }
 
+    /// The fingerprint of the watched files as they are now.
+    async fn fingerprint_now(&self) -> [u8; 32] {
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || fingerprint(&files)).await.unwrap_or([0; 32])
+    }
+
     /// Sets `keys_only` when the version was refused only because new issuers' keys could not be
-    /// fetched.
-    async fn load_and_swap(&mut self, keys_only: &mut bool) -> Result<(), Vec<ConfigError>> {
+    /// fetched. An empty error list: the files no longer match `read`, the fingerprint taken
+    /// before they were loaded (they changed while being read), and nothing was swapped.
+    async fn load_and_swap(&mut self, keys_only: &mut bool, read: [u8; 32]) -> Result<(), Vec<ConfigError>> {
         let path = self.config_path.clone();
-        let config = tokio::task::spawn_blocking(move || config::load(&path))
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
             .await
-            .map_err(|e| vec![ConfigError::new("", format!("reload task failed: {e}"))])??;
+            .map_err(|e| vec![ConfigError::new("", format!("reload task failed: {e}"))])?;
+        if self.fingerprint_now().await != read {
+            return Err(Vec::new());
+        }
+        let config = loaded?;
         let old = self.state.policy.load_full();
         if config.listen != old.config.listen {
             let admin =

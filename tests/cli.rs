@@ -409,6 +409,84 @@ fn idle_or_half_open_connections_do_not_hold_shutdown() {
 }
 
 #[test]
+fn the_admin_listener_caps_connections_and_closes_silent_ones() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    // Closed by the server: end of stream or a reset, not our read timeout.
+    let closed_within = |c: &mut TcpStream, wait: Duration| {
+        c.set_read_timeout(Some(wait)).unwrap();
+        match c.read(&mut [0u8; 16]) {
+            Ok(0) => true,
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            Ok(_) => false,
+        }
+    };
+    let sg = Subguard::start(GOOD, USERS);
+    let addr = sg.admin_addr();
+    // 64 connections that never send a request hold every place.
+    let mut silent: Vec<TcpStream> = (0..64).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = TcpStream::connect(addr).unwrap();
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(5)),
+        "a connection over the limit is closed at once"
+    );
+    // Each silent one is closed once it has sent no request headers for 10 s; then the listener
+    // answers again.
+    let started = Instant::now();
+    for c in &mut silent {
+        assert!(closed_within(c, Duration::from_secs(30)), "a silent connection stays open");
+    }
+    assert!(started.elapsed() >= Duration::from_secs(5), "closed before the header timeout");
+    assert_eq!(sg.admin_get("/healthz").0, 200);
+    let logs = sg.logs().join("\n");
+    assert!(logs.contains("admin listener: connection limit reached"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_grpc_connection_without_a_preface_is_closed_and_a_greeted_one_is_kept() {
+    use std::io::Read;
+    let sg = Subguard::start(GOOD, USERS);
+    let mut silent = std::net::TcpStream::connect(sg.grpc_addr()).unwrap();
+    let mut half = std::net::TcpStream::connect(sg.grpc_addr()).unwrap();
+    std::io::Write::write_all(&mut half, b"PRI * HTTP/2.0\r\n").unwrap();
+    // A real client, idle after its first call, is not a silent connection.
+    let mut client = sg.client().await;
+    let ok = client.call(&CheckCall::new().tenant("acme").bearer("x")).await;
+    assert!(!ok.allowed);
+    let started = Instant::now();
+    let (silent_closed, half_closed) = tokio::task::spawn_blocking(move || {
+        // The server speaks first (its SETTINGS); closed is the end of the stream, or a reset.
+        let closed = |c: &mut std::net::TcpStream| {
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            loop {
+                match c.read(&mut [0u8; 64]) {
+                    Ok(0) => return true,
+                    Ok(_) => {}
+                    Err(e) => {
+                        return !matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        );
+                    }
+                }
+            }
+        };
+        (closed(&mut silent), closed(&mut half))
+    })
+    .await
+    .unwrap();
+    assert!(silent_closed && half_closed, "connections without a preface are closed");
+    assert!(started.elapsed() >= Duration::from_secs(5), "closed before the preface timeout");
+    let again = client.call(&CheckCall::new().tenant("acme").bearer("x")).await;
+    assert_eq!(
+        again.header("x-subguard-reason"),
+        Some("malformed_token"),
+        "the idle client's connection still works"
+    );
+}
+
+#[test]
 fn logs_are_json_lines_by_default_and_text_on_request() {
     let sg = Subguard::start(GOOD, USERS);
     let logs = sg.logs();

@@ -3,10 +3,16 @@
 //! as Prometheus does; the Prometheus text format 0.0.4 otherwise).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
 
 use super::State;
 
@@ -25,6 +31,69 @@ fn wants_openmetrics(headers: &HeaderMap) -> bool {
             is_openmetrics && !params.any(|p| p.replace(' ', "").eq_ignore_ascii_case("q=0"))
         },
     )
+}
+
+/// At most this many admin connections are open at once; more are closed as soon as they are
+/// accepted. Probes and a scraper need a handful. The listener is often bound to every address
+/// (kubelet probes, Prometheus), so without a cap anyone in the cluster could take every file
+/// descriptor the process has, and with them the gRPC listener and the key and directory fetches.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// A client must send a request's headers within this long, on a new connection and on an idle
+/// kept-alive one alike; a connection that does not is closed (slowloris, forgotten sockets).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the admin routes until `shutdown` resolves: HTTP/1.1, at most [`MAX_CONNECTIONS`] at
+/// once, each closed when it sends no request headers for [`HEADER_READ_TIMEOUT`]. Then stops
+/// accepting and lets each connection finish the request it is on.
+pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let (stop, stopped) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let started = Instant::now();
+    let last_warning = AtomicU64::new(0);
+    loop {
+        let io = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((io, _)) => io,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Closed at once (dropped); warned about at most every 10 s.
+            let now = started.elapsed().as_secs() + 10;
+            if last_warning.swap(now, Ordering::Relaxed) + 10 <= now {
+                tracing::warn!(
+                    limit = MAX_CONNECTIONS,
+                    "admin listener: connection limit reached; closing new connections"
+                );
+            }
+            continue;
+        };
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(app.clone()));
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = stopped.wait_for(|s| *s) => connection.as_mut().graceful_shutdown(),
+            }
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    drop(stopped);
+    stop.closed().await;
 }
 
 pub fn router(state: Arc<State>) -> Router {

@@ -38,6 +38,20 @@ use tonic::codegen::{Service, http};
 /// Interval of HTTP/2 keepalive pings on idle connections.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
+/// At most this many gRPC connections are open at once; more are closed as soon as they are
+/// accepted. Envoy opens one per worker (and more only past a server's stream limit, which
+/// subguard does not set), a mesh health checker one more: a file descriptor per connection must
+/// not be something a local process can take them all with.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// A connection must send HTTP/2's preface and first frame header within this long, or it is
+/// closed: one that never does would hold a connection place and a descriptor for good (a
+/// handshaked connection that goes silent is found by the keepalive pings instead).
+pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The client preface (24 bytes) and the header of the SETTINGS frame that must follow it.
+const PREFACE_BYTES: usize = 24 + 9;
+
 /// A listening socket whose connections carry gRPC.
 pub trait Listen: Send + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
@@ -79,6 +93,8 @@ where
     let (stop, stopped) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let batch = one_worker();
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut warned_at: Option<Instant> = None;
     loop {
         let io = tokio::select! {
             _ = &mut shutdown => break,
@@ -94,15 +110,39 @@ where
                 }
             },
         };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            // Closed at once (dropped); warned about at most every 10 s.
+            if warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                warned_at = Some(Instant::now());
+                tracing::warn!(
+                    limit = MAX_CONNECTIONS,
+                    "grpc listener: connection limit reached; closing new connections"
+                );
+            }
+            continue;
+        };
+        let greeted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let io = FirstBytes { io, needed: PREFACE_BYTES, greeted: Some(greeted.clone()) };
         let streams = if batch { Streams::Batch(Arc::default()) } else { Streams::Spawn };
         let connection = http2(streams.clone())
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(service.clone()));
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
+            let _place = place;
             let mut connection = std::pin::pin!(connection);
+            let silent = async {
+                tokio::time::sleep(PREFACE_TIMEOUT).await;
+                if greeted.load(std::sync::atomic::Ordering::Acquire) {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 result = drive(connection.as_mut(), &streams, SLOW) => return finished(result),
                 _ = stopped.wait_for(|s| *s) => connection.as_mut().graceful_shutdown(),
+                () = silent => {
+                    tracing::debug!("grpc connection closed: no HTTP/2 preface within {} s", PREFACE_TIMEOUT.as_secs());
+                    return;
+                }
             }
             finished(drive(connection.as_mut(), &streams, SLOW).await);
         });
@@ -111,6 +151,65 @@ where
     let _ = stop.send(true);
     drop(stopped);
     stop.closed().await;
+}
+
+/// A connection's socket that notes when the client has sent its first `needed` bytes (the
+/// HTTP/2 preface); after that, one branch per read.
+struct FirstBytes<T> {
+    io: T,
+    needed: usize,
+    greeted: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for FirstBytes<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.greeted.is_some() {
+            let read = buf.filled().len() - before;
+            self.needed = self.needed.saturating_sub(read);
+            if self.needed == 0
+                && let Some(greeted) = self.greeted.take()
+            {
+                greeted.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// hyper's HTTP/2 server with subguard's settings, its streams run by `streams`.

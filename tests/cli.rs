@@ -168,6 +168,30 @@ fn directory_urls_that_would_send_every_lookup_to_one_url_are_refused() {
 }
 
 #[test]
+fn users_that_can_never_match_or_never_be_forwarded_are_warned_about() {
+    let config = GOOD.replace("  path: users.yaml", "  path: users.yaml\n  normalize: [lowercase]");
+    assert_ne!(config, GOOD);
+    let users = "acme:\n  - sub: u-1\n  - sub: Alice\n  - sub: \"bob \"\n";
+    let dir = ConfigDir::with(&config, users);
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("acme: 1 user(s) can never match (\"Alice\"): the directory's normalize lowercases"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr.contains("acme: 1 user(s) without an `id` have a sub that starts or ends with a space"),
+        "{}",
+        text(&out)
+    );
+    let dir = ConfigDir::with(GOOD, "acme:\n  - sub: u-1\n  - sub: Alice\n");
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert!(!text(&out).contains("never match"), "without normalize, Alice is Alice: {}", text(&out));
+}
+
+#[test]
 fn a_leeway_of_hours_is_refused_and_one_of_minutes_warned_about() {
     let with_leeway = |s: u64| format!("{GOOD}token:\n  leeway_seconds: {s}\n");
     let dir = ConfigDir::with(&with_leeway(86_400), USERS);

@@ -57,6 +57,18 @@ impl HostPattern {
         if !(prefix.is_empty() || prefix.ends_with('.')) || !(suffix.is_empty() || suffix.starts_with('.')) {
             return Err(format!("`{pattern}`: {{tenant}} must be a whole DNS label, separated by dots"));
         }
+        // Every other label a DNS label too: no empty one (`..`, a leading dot), none too long,
+        // none starting or ending with `-`. Such a pattern could only match hosts no DNS name has.
+        let labels =
+            prefix.strip_suffix('.').into_iter().chain(suffix.strip_prefix('.')).flat_map(|s| s.split('.'));
+        for label in labels {
+            if label.is_empty() || label.len() > 63 || label.starts_with('-') || label.ends_with('-') {
+                return Err(format!(
+                    "`{pattern}`: every label around {{tenant}} must be a DNS label (1 to 63 letters, digits \
+                     or inner `-`); found `{label}`"
+                ));
+            }
+        }
         Ok(HostPattern { prefix: prefix.to_string(), suffix: suffix.to_string() })
     }
 
@@ -210,6 +222,14 @@ mod tests {
         assert!(HostPattern::parse("{tenant}.{tenant}.com").is_err());
         assert!(HostPattern::parse("x{tenant}.example.com").is_err());
         assert!(HostPattern::parse("{tenant}.example.com:8080").is_err());
+        for bad in [".{tenant}.example.com", "{tenant}..example.com", "{tenant}.-x.com", "a..{tenant}.com"] {
+            assert!(HostPattern::parse(bad).unwrap_err().contains("must be a DNS label"), "{bad}");
+        }
+        let long = format!("{{tenant}}.{}.com", "a".repeat(64));
+        assert!(HostPattern::parse(&long).is_err());
+        assert!(
+            HostPattern::parse("{tenant}").is_ok() && HostPattern::parse("api.{tenant}.example.com.").is_ok()
+        );
     }
 
     #[test]

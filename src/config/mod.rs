@@ -606,6 +606,31 @@ impl Loader {
                         ));
                     }
                 }
+                if let Some(listed) = users.tenants.get(name)
+                    && t.directory.normalize != Normalize::default()
+                {
+                    let norm = t.directory.normalize;
+                    let mut unmatchable: Vec<&str> =
+                        listed.keys().map(|s| &**s).filter(|s| norm.apply(s) != *s).collect();
+                    if !unmatchable.is_empty() {
+                        unmatchable.sort_unstable();
+                        let how = match (norm.trim, norm.lowercase) {
+                            (true, true) => "trims and lowercases",
+                            (true, false) => "trims",
+                            _ => "lowercases",
+                        };
+                        self.warnings.push(ConfigError::new(
+                            path.display().to_string(),
+                            format!(
+                                "{name}: {} user(s) can never match ({:?}{}): the directory's normalize {how} \
+                                 every token's sub before the lookup; write the entries in that form",
+                                unmatchable.len(),
+                                unmatchable[0],
+                                if unmatchable.len() > 1 { ", ..." } else { "" }
+                            ),
+                        ));
+                    }
+                }
                 if let Some(listed) = users.tenants.get(name) {
                     let mut spaced: Vec<&str> = listed
                         .values()

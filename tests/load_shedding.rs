@@ -115,3 +115,65 @@ async fn one_connection_carries_checks_up_to_the_limit_at_once() {
         assert!(c.await.unwrap().allowed);
     }
 }
+
+/// Requests started and never finished hold what they sent. Across all of them subguard holds
+/// at most 64 MiB: past that, a stream's data fails it with `RESOURCE_EXHAUSTED`, and checks go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_bytes_pending_across_unfinished_checks_are_bounded() {
+    use http_body_util::StreamBody;
+    use hyper::body::{Bytes, Frame};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let directory = DirectoryServer::start();
+    let sg = subguard_with(4096, &directory);
+    let tcp = tokio::net::TcpStream::connect(sg.grpc_addr()).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(connection);
+
+    const MIB: usize = 1024 * 1024;
+    const STREAMS: usize = 80;
+    let mut feeds = Vec::new();
+    let mut answers = Vec::new();
+    for _ in 0..STREAMS {
+        let (feed, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(2);
+        // A gRPC message announced at 4 MiB - 1, of which 1 MiB is sent, and then nothing.
+        let mut first = vec![0u8, 0x00, 0x3f, 0xff, 0xff];
+        first.resize(5 + MIB, 0);
+        feed.send(Ok(Frame::data(Bytes::from(first)))).await.unwrap();
+        feeds.push(feed);
+        let request = hyper::Request::post("/envoy.service.auth.v3.Authorization/Check")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .unwrap();
+        let mut sender = sender.clone();
+        answers.push(tokio::spawn(async move {
+            let response = sender.send_request(request).await.ok()?;
+            response.headers().get("grpc-status").map(|v| v.to_str().unwrap_or("").to_string())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut refused = 0;
+    let mut waiting = 0;
+    for answer in answers {
+        if answer.is_finished() {
+            if answer.await.unwrap().as_deref() == Some("8") {
+                refused += 1;
+            }
+        } else {
+            waiting += 1;
+            answer.abort();
+        }
+    }
+    assert!(refused >= STREAMS - 64, "{refused} of {STREAMS} streams of 1 MiB refused, {waiting} held");
+    assert!(waiting <= 64, "{waiting} streams of 1 MiB are held: more than 64 MiB");
+    // Checks go on meanwhile.
+    let out = sg.client().await.call(&CheckCall::new().tenant("acme").bearer(&token("u"))).await;
+    assert_eq!(
+        out.header("x-subguard-reason"),
+        Some("user_not_found"),
+        "the directory knows no one: {out:#?}"
+    );
+    drop(feeds);
+}

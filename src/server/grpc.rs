@@ -50,9 +50,73 @@ impl tonic::server::NamedService for AuthorizationService {
     const NAME: &'static str = "envoy.service.auth.v3.Authorization";
 }
 
+/// Bytes of check requests received and not yet decoded, over every stream of every connection,
+/// at most. A client that starts many requests and never finishes them (each may announce up to
+/// the 4 MiB message limit) makes the server hold what it sent; past this, its data fails the
+/// stream (`RESOURCE_EXHAUSTED`) instead of growing the process. Envoy's checks are a few
+/// kilobytes each: 64 MiB is ten times what `max_in_flight_checks` (4 096) of them hold.
+pub const PENDING_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+/// A request body that counts what it delivers against [`PENDING_REQUEST_BYTES`] while it lives.
+struct Budgeted<B> {
+    body: B,
+    state: Arc<State>,
+    held: usize,
+}
+
+impl<B: Body + Unpin> Body for Budgeted<B>
+where
+    B::Error: Into<StdError>,
+{
+    type Data = B::Data;
+    type Error = StdError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = bytes::Buf::remaining(data);
+                    this.held += n;
+                    let pending = this.state.pending_request_bytes.fetch_add(n, Ordering::Relaxed) + n;
+                    if pending > PENDING_REQUEST_BYTES {
+                        return Poll::Ready(Some(Err(Status::resource_exhausted(
+                            "too many request bytes pending across all checks",
+                        )
+                        .into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B> Drop for Budgeted<B> {
+    fn drop(&mut self) {
+        if self.held > 0 {
+            self.state.pending_request_bytes.fetch_sub(self.held, Ordering::Relaxed);
+        }
+    }
+}
+
 impl<B> Service<http::Request<B>> for AuthorizationService
 where
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
@@ -69,6 +133,7 @@ where
             return unimplemented();
         }
         let method = CheckMethod(self.state.clone());
+        let req = req.map(|body| Budgeted { body, state: self.state.clone(), held: 0 });
         let deadline = req
             .headers()
             .get("grpc-timeout")
@@ -182,7 +247,7 @@ fn service_of(path: &str) -> Option<&str> {
 
 impl<B, H> Service<http::Request<B>> for Routes<H>
 where
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Error: Into<StdError> + Send + 'static,
     H: Service<
             http::Request<B>,

@@ -30,6 +30,8 @@ pub struct State {
     pub policy: ArcSwap<Policy>,
     /// Checks being decided right now (for load shedding).
     pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Request bytes received and not yet decoded (`grpc::PENDING_REQUEST_BYTES` bounds them).
+    pub pending_request_bytes: std::sync::atomic::AtomicUsize,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     shutting_down: AtomicBool,
@@ -40,6 +42,7 @@ impl State {
         Arc::new(State {
             policy: ArcSwap::from_pointee(policy),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
+            pending_request_bytes: std::sync::atomic::AtomicUsize::new(0),
             metrics,
             registry,
             shutting_down: AtomicBool::new(false),

@@ -511,6 +511,18 @@ async fn a_grpc_connection_without_a_preface_is_closed_and_a_greeted_one_is_kept
 }
 
 #[test]
+fn a_port_in_use_fails_the_start_with_that_error_alone() {
+    let first = Subguard::start(GOOD, USERS);
+    let taken = first.grpc_addr().to_string();
+    let dir = ConfigDir::with(&GOOD.replacen("127.0.0.1:0", &taken, 1), USERS);
+    let out = subguard(&["serve", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    let all = text(&out);
+    assert!(all.contains(&format!("listen.grpc {taken}")), "{all}");
+    assert!(!all.contains("reload"), "nothing about reloads: {all}");
+}
+
+#[test]
 fn logs_are_json_lines_by_default_and_text_on_request() {
     let sg = Subguard::start(GOOD, USERS);
     let logs = sg.logs();

@@ -115,6 +115,15 @@ async fn no_checks_in_flight(state: &State) {
     }
 }
 
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs the sidecar until `shutdown` resolves, then drains. Returns an error only if a listener
 /// cannot be bound.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -131,7 +140,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
 
     // Before any listener: its watches and SIGHUP handler are in place before anything can
     // report ready, so no change made after that is missed.
-    let reloader = reload::spawn(state.clone(), config_path, baseline);
+    // Stopped however serve ends: a listener that cannot bind must not leave it reloading (and
+    // logging its cancelled reload as refused) while the process exits with the bind error.
+    let reloader = AbortOnDrop(reload::spawn(state.clone(), config_path, baseline));
 
     let (health, health_service) = health::HealthState::new();
 
@@ -212,7 +223,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     };
 
     shutdown.await;
-    reloader.abort();
+    drop(reloader);
     // The grace period of the config serving now (a reload may have changed it).
     let grace = state.policy.load().config.shutdown_grace;
     tracing::info!(

@@ -813,29 +813,17 @@ async fn verify_signature(
                 });
                 return Err(Reason::InvalidSignature);
             }
-            KeyMatch::WrongType(key) => {
-                d.detail = Some(format!(
-                    "kid {:?} is a {} key, which cannot verify {alg:?}",
-                    clip(kid.unwrap_or_default()),
-                    key.kind.name()
-                ));
-                note(&mut trace, || {
-                    key_step(
-                        issuer,
-                        Some(keys),
-                        kid,
-                        refetched,
-                        Status::Fail,
-                        d.detail.clone().unwrap_or_default(),
-                    )
+            found @ (KeyMatch::WrongType(_) | KeyMatch::Unusable(_)) => {
+                let kid_shown = clip(kid.unwrap_or_default());
+                d.detail = Some(match found {
+                    KeyMatch::WrongType(key) => {
+                        format!("kid {kid_shown:?} is a {} key, which cannot verify {alg:?}", key.kind.name())
+                    }
+                    KeyMatch::Unusable(why) => {
+                        format!("kid {kid_shown:?} names a key subguard does not verify with: {why}")
+                    }
+                    _ => String::new(),
                 });
-                return Err(Reason::UnsupportedAlgorithm);
-            }
-            KeyMatch::Unusable(why) => {
-                d.detail = Some(format!(
-                    "kid {:?} names a key subguard does not verify with: {why}",
-                    clip(kid.unwrap_or_default())
-                ));
                 note(&mut trace, || {
                     key_step(
                         issuer,

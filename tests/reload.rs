@@ -205,6 +205,9 @@ async fn a_version_refused_for_unreachable_keys_is_tried_again_by_itself() {
     );
     assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed);
 
+    // Down past the first retry (2 s), so the one that succeeds waits longer (4 s) than the
+    // reloader's other timers: those must not keep pushing it back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     idp.set_jwks(&jwks);
     let out = eventually(&mut client, "globex", &globex("g-1"), Duration::from_secs(30), |o| o.allowed).await;
     assert!(out.allowed, "the refused version was applied once its keys could be fetched: {out:#?}");

@@ -380,8 +380,14 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> tok
     tokio::spawn(async move {
         let _ = reloader.reload("change during start-up", false).await;
         watch_folders(watcher.as_mut(), &reloader, &mut watched);
+        // Deadlines, not sleeps made anew each turn: the folder check's turns (every 2 s) must
+        // not push back a key retry that waits longer.
+        let retry_at = |r: &Reloader| r.key_retry.map(|d| tokio::time::Instant::now() + d);
+        let mut retry = retry_at(&reloader);
+        let mut folder_check =
+            tokio::time::interval_at(tokio::time::Instant::now() + FOLDER_CHECK, FOLDER_CHECK);
+        folder_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let retry = reloader.key_retry;
             let (trigger, force) = tokio::select! {
                 Some(()) = rx.recv() => {
                     // Let a burst of events (an editor's save, a ConfigMap swap) settle.
@@ -392,10 +398,10 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> tok
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     ("SIGHUP", true)
                 }
-                () = async { match retry { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {
+                () = async { match retry { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
                     (KEY_RETRY_TRIGGER, true)
                 }
-                () = tokio::time::sleep(FOLDER_CHECK) => {
+                _ = folder_check.tick() => {
                     if !watched.iter().any(|(folder, id)| folder_id(folder) != *id) {
                         continue;
                     }
@@ -407,6 +413,7 @@ pub fn spawn(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> tok
             };
             let _ = reloader.reload(trigger, force).await;
             watch_folders(watcher.as_mut(), &reloader, &mut watched);
+            retry = retry_at(&reloader);
         }
     })
 }

@@ -407,7 +407,14 @@ async fn a_users_file_rewritten_in_place_is_never_read_half_written() {
         }
     }
     writer.join().unwrap();
-    assert!(denied.is_empty(), "u-1 is in every version, yet was denied: {denied:?}");
+    let reloads: Vec<String> =
+        sg.logs().into_iter().filter(|l| l.contains("reload") || l.contains("watched")).collect();
+    assert!(
+        denied.is_empty(),
+        "u-1 is in every version, yet was denied {} times; reloads:\n{}",
+        denied.len(),
+        reloads.join("\n")
+    );
     let out = eventually(&mut client, "acme", &acme("u-9"), WAIT, |o| o.allowed).await;
     assert!(out.allowed, "the last version was applied: {out:#?}");
 }

@@ -103,6 +103,22 @@ fn with_targets(files: &BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
     all
 }
 
+/// What each watched file's metadata says of its last write: size, modification time, inode.
+/// Two looks at a file being rewritten in place can find the same bytes (the same first half of
+/// two versions, or an empty file), but not the same stamps as well.
+type Stamps = Vec<Option<(u64, std::time::SystemTime, u64)>>;
+
+fn stamps(files: &BTreeSet<PathBuf>) -> Stamps {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(f).ok()?;
+            Some((m.len(), m.modified().unwrap_or(std::time::UNIX_EPOCH), m.ino()))
+        })
+        .collect()
+}
+
 /// A digest of the contents of `files` (a missing or unreadable file counts as missing), read in
 /// small pieces so a large users file is never held twice.
 fn fingerprint(files: &BTreeSet<PathBuf>) -> [u8; 32] {
@@ -216,7 +232,7 @@ impl Reloader {
     /// when the files look unchanged (SIGHUP).
     pub async fn reload(&mut self, trigger: &str, force: bool) -> Result<ReloadOutcome, Vec<ConfigError>> {
         self.refresh_targets();
-        let mut now = self.fingerprint_now().await;
+        let (mut now, mut stamp) = self.look().await;
         if !force && now == self.fingerprint {
             tracing::debug!(trigger, "watched files unchanged; nothing to reload");
             return Ok(ReloadOutcome::Unchanged);
@@ -228,11 +244,11 @@ impl Reloader {
         let mut warned = false;
         loop {
             tokio::time::sleep(SETTLE).await;
-            let again = self.fingerprint_now().await;
-            if again == now {
+            let (again, again_stamp) = self.look().await;
+            if again == now && again_stamp == stamp {
                 break;
             }
-            now = again;
+            (now, stamp) = (again, again_stamp);
             if !warned && waiting.elapsed() >= SETTLE_WARN {
                 warned = true;
                 tracing::warn!(
@@ -244,7 +260,7 @@ impl Reloader {
         }
         let retrying = trigger == KEY_RETRY_TRIGGER;
         let mut keys_only = false;
-        let result = self.load_and_swap(&mut keys_only, now).await;
+        let result = self.load_and_swap(&mut keys_only, (now, stamp)).await;
         if matches!(&result, Err(e) if e.is_empty()) {
             tracing::info!(
                 trigger,
@@ -287,21 +303,27 @@ impl Reloader {
         result.map(|()| ReloadOutcome::Applied)
     }
 
-    /// The fingerprint of the watched files as they are now.
-    async fn fingerprint_now(&self) -> [u8; 32] {
+    /// The fingerprint of the watched files as they are now, with their stamps.
+    async fn look(&self) -> ([u8; 32], Stamps) {
         let files = self.files.clone();
-        tokio::task::spawn_blocking(move || fingerprint(&files)).await.unwrap_or([0; 32])
+        tokio::task::spawn_blocking(move || (fingerprint(&files), stamps(&files)))
+            .await
+            .unwrap_or(([0; 32], Vec::new()))
     }
 
     /// Sets `keys_only` when the version was refused only because new issuers' keys could not be
-    /// fetched. An empty error list: the files no longer match `read`, the fingerprint taken
-    /// before they were loaded (they changed while being read), and nothing was swapped.
-    async fn load_and_swap(&mut self, keys_only: &mut bool, read: [u8; 32]) -> Result<(), Vec<ConfigError>> {
+    /// fetched. An empty error list: the files no longer match `read`, the fingerprint and stamps
+    /// taken before they were loaded (they changed while being read), and nothing was swapped.
+    async fn load_and_swap(
+        &mut self,
+        keys_only: &mut bool,
+        read: ([u8; 32], Stamps),
+    ) -> Result<(), Vec<ConfigError>> {
         let path = self.config_path.clone();
         let loaded = tokio::task::spawn_blocking(move || config::load(&path))
             .await
             .map_err(|e| vec![ConfigError::new("", format!("reload task failed: {e}"))])?;
-        if self.fingerprint_now().await != read {
+        if self.look().await != read {
             return Err(Vec::new());
         }
         let config = loaded?;

@@ -288,6 +288,19 @@ impl Subguard {
         self.captured.lock().unwrap().stdout.clone()
     }
 
+    /// The stdout lines containing `needle`, waited for up to 5 s: a check's deny is logged after
+    /// its answer is sent, and the lines are read from the pipe by another thread.
+    pub fn logged(&self, needle: &str) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let found: Vec<String> = self.logs().into_iter().filter(|l| l.contains(needle)).collect();
+            if !found.is_empty() || std::time::Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stdout lines parsed as JSON (lines that aren't JSON are skipped).
     pub fn log_events(&self) -> Vec<Value> {
         self.logs().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()

@@ -606,7 +606,8 @@ impl Loader {
                         ));
                     }
                 }
-                if let Some(listed) = users.tenants.get(name)
+                let listed = users.tenants.get(name);
+                if let Some(listed) = listed
                     && t.directory.normalize != Normalize::default()
                 {
                     let norm = t.directory.normalize;
@@ -631,7 +632,7 @@ impl Loader {
                         ));
                     }
                 }
-                if let Some(listed) = users.tenants.get(name) {
+                if let Some(listed) = listed {
                     let mut spaced: Vec<&str> = listed
                         .values()
                         .map(|u| &*u.id)
@@ -653,7 +654,7 @@ impl Loader {
                         ));
                     }
                 }
-                if !users.tenants.contains_key(name) {
+                if listed.is_none() {
                     self.warnings.push(ConfigError::new(
                         format!("tenants.{name}"),
                         format!(

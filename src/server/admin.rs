@@ -3,8 +3,7 @@
 //! as Prometheus does; the Prometheus text format 0.0.4 otherwise).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -12,7 +11,7 @@ use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use super::State;
 
@@ -47,11 +46,9 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// once, each closed when it sends no request headers for [`HEADER_READ_TIMEOUT`]. Then stops
 /// accepting and lets each connection finish the request it is on.
 pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut places = super::listen::Places::new("admin", MAX_CONNECTIONS);
     let (stop, stopped) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
-    let started = Instant::now();
-    let last_warning = AtomicU64::new(0);
     loop {
         let io = tokio::select! {
             _ = &mut shutdown => break,
@@ -64,24 +61,14 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Closed at once (dropped); warned about at most every 10 s.
-            let now = started.elapsed().as_secs() + 10;
-            if last_warning.swap(now, Ordering::Relaxed) + 10 <= now {
-                tracing::warn!(
-                    limit = MAX_CONNECTIONS,
-                    "admin listener: connection limit reached; closing new connections"
-                );
-            }
-            continue;
-        };
+        let Some(place) = places.take() else { continue };
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(app.clone()));
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _place = place;
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => return,

@@ -49,6 +49,35 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// handshaked connection that goes silent is found by the keepalive pings instead).
 pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A listener's connection places: at most `limit` connections hold one; a connection accepted
+/// beyond that is closed at once (dropped), and warned about at most every 10 s.
+pub struct Places {
+    listener: &'static str,
+    limit: usize,
+    places: Arc<tokio::sync::Semaphore>,
+    warned_at: Option<Instant>,
+}
+
+impl Places {
+    pub fn new(listener: &'static str, limit: usize) -> Self {
+        Places { listener, limit, places: Arc::new(tokio::sync::Semaphore::new(limit)), warned_at: None }
+    }
+
+    /// A place for a connection just accepted, held until the permit is dropped; `None`: close it.
+    pub fn take(&mut self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let place = self.places.clone().try_acquire_owned().ok();
+        if place.is_none() && self.warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+            self.warned_at = Some(Instant::now());
+            tracing::warn!(
+                limit = self.limit,
+                "{} listener: connection limit reached; closing new connections",
+                self.listener
+            );
+        }
+        place
+    }
+}
+
 /// The client preface (24 bytes) and the header of the SETTINGS frame that must follow it.
 const PREFACE_BYTES: usize = 24 + 9;
 
@@ -93,8 +122,7 @@ where
     let (stop, stopped) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let batch = one_worker();
-    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut warned_at: Option<Instant> = None;
+    let mut places = Places::new("grpc", MAX_CONNECTIONS);
     loop {
         let io = tokio::select! {
             _ = &mut shutdown => break,
@@ -110,17 +138,7 @@ where
                 }
             },
         };
-        let Ok(place) = places.clone().try_acquire_owned() else {
-            // Closed at once (dropped); warned about at most every 10 s.
-            if warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-                warned_at = Some(Instant::now());
-                tracing::warn!(
-                    limit = MAX_CONNECTIONS,
-                    "grpc listener: connection limit reached; closing new connections"
-                );
-            }
-            continue;
-        };
+        let Some(place) = places.take() else { continue };
         let greeted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let io = FirstBytes { io, needed: PREFACE_BYTES, greeted: Some(greeted.clone()) };
         let streams = if batch { Streams::Batch(Arc::default()) } else { Streams::Spawn };

@@ -31,8 +31,9 @@ use crate::directory::Directory;
 use crate::telemetry::Metrics;
 pub use event::Event;
 
-/// After a failed Redis command, checks stop asking Redis for this long (they use what is known),
-/// so an outage costs one timeout per second, not one per request.
+/// After a failed Redis command, checks stop asking Redis for this long (they use what is known);
+/// then one check at a time asks whether it is back, so an outage costs one timeout per second,
+/// not one per request.
 const DOWN_FOR: Duration = Duration::from_secs(1);
 
 /// A revoked `jti` is remembered locally this long past its `exp` (covers any clock leeway).
@@ -164,8 +165,11 @@ struct Shared {
     answers: moka::future::Cache<Arc<str>, bool>,
     metrics: Arc<Metrics>,
     epoch: Instant,
-    /// Milliseconds after `epoch` until which Redis is not asked (after a failure).
+    /// Milliseconds after `epoch` until which Redis is not asked (after a failure); 0 once an
+    /// answer came after the last failure.
     down_until_ms: AtomicU64,
+    /// Set while one check asks a Redis that failed last whether it is back.
+    probing: AtomicBool,
     subscribed: AtomicBool,
     /// Built by a reload in place of another subscriber: events published between the two (the
     /// old one may have been disconnected for long) are lost, so the first subscription drops
@@ -222,6 +226,7 @@ impl Revocation {
                 metrics,
                 epoch: Instant::now(),
                 down_until_ms: AtomicU64::new(0),
+                probing: AtomicBool::new(false),
                 subscribed: AtomicBool::new(false),
             }),
             subscriber: Mutex::new(None),
@@ -278,6 +283,13 @@ impl Revocation {
             metrics.revocation_lookup("unavailable");
             return JtiStatus::Unavailable("Redis failed within the last second; not asked".into());
         }
+        // Redis failed last and its second is over: one check asks whether it is back. The others
+        // use what is known meanwhile, instead of each waiting up to `timeout_ms` for a Redis
+        // that is likely still down (with a stopped Redis every check of an unseen jti did).
+        let Some(_probe) = s.probe() else {
+            metrics.revocation_lookup("unavailable");
+            return JtiStatus::Unavailable("Redis failed; another check is asking whether it is back".into());
+        };
         let key: Arc<str> = Arc::from(jti);
         let asked = if cache {
             let shared = s.clone();
@@ -350,6 +362,22 @@ impl Shared {
         self.down_until_ms.store(self.now_ms() + DOWN_FOR.as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// Whether this check may ask Redis: always while it answers; after a failure, one check at a
+    /// time (`None` for the others), until one gets an answer.
+    fn probe(&self) -> Option<Probe<'_>> {
+        if self.down_until_ms.load(Ordering::Relaxed) == 0 {
+            return Some(Probe(None));
+        }
+        // Not `then_some`: a `Probe` built and dropped for the losers would clear the winner's flag.
+        (!self.probing.swap(true, Ordering::AcqRel)).then(|| Probe(Some(&self.probing)))
+    }
+
+    fn mark_up(&self) {
+        if self.down_until_ms.load(Ordering::Relaxed) != 0 {
+            self.down_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
     fn connection(&self) -> Result<ConnectionManager, String> {
         self.conn
             .get_or_init(|| {
@@ -390,6 +418,9 @@ impl Shared {
             }
         }
         .await;
+        if result.is_ok() {
+            self.mark_up();
+        }
         match result {
             Ok(None) => Ok(false),
             Ok(Some(value)) => {
@@ -463,6 +494,18 @@ impl Shared {
 
 /// Connects, subscribes and applies events; on any failure waits (exponential backoff with
 /// jitter, `reconnect_min_ms` to `reconnect_max_ms`) and starts again. Runs until aborted.
+/// The right to ask Redis after a failure, held by one check; given back when dropped (also when
+/// the check is cancelled).
+struct Probe<'a>(Option<&'a AtomicBool>);
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(false, Ordering::Release);
+        }
+    }
+}
+
 async fn subscribe_forever(shared: Arc<Shared>, current: CurrentPolicy) {
     let settings = &shared.settings;
     let mut delay = settings.reconnect_min;

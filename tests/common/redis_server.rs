@@ -130,6 +130,35 @@ impl Redis {
         }
     }
 
+    /// Stops redis-server (SIGSTOP) without closing anything: connections stay open and commands
+    /// sent meanwhile wait in the socket, as with a stalled primary or a partition. Returns its
+    /// pid for [`Redis::resume`].
+    pub fn pause(&self) -> u32 {
+        // Its own pid: the child is the watchdog's shell.
+        let info: String = self.cmd(&["INFO", "server"]);
+        let pid = info
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse().ok())
+            .expect("INFO server: process_id");
+        signal(pid, "-STOP");
+        pid
+    }
+
+    /// Lets a paused redis-server go on (SIGCONT); it then runs what it was sent meanwhile.
+    pub fn resume(&self, pid: u32) {
+        signal(pid, "-CONT");
+    }
+
+    /// How many times Redis ran `command` since start or `CONFIG RESETSTAT` (INFO commandstats).
+    pub fn calls(&self, command: &str) -> u64 {
+        let info: String = self.cmd(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{}:calls=", command.to_ascii_lowercase());
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |rest| rest.split(',').next().unwrap_or("0").parse().expect("calls=<number>"))
+    }
+
     /// Runs one command; panics on failure.
     pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
         self.try_cmd(args).unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
@@ -167,4 +196,10 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn signal(pid: u32, which: &str) {
+    let status =
+        std::process::Command::new("kill").args([which, &pid.to_string()]).status().expect("running kill");
+    assert!(status.success(), "kill {which} {pid} failed");
 }

@@ -196,10 +196,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             tracing::info!(listener = "admin", addr = %local, "listening");
             let app = admin::router(state.clone());
             let rx = admin_stop_rx.clone();
-            Some(tokio::spawn(async move {
-                admin::serve(listener, app, stopped(rx)).await;
-                Ok::<(), std::io::Error>(())
-            }))
+            Some(tokio::spawn(admin::serve(listener, app, stopped(rx))))
         }
         None => None,
     };

@@ -112,9 +112,17 @@ struct ExpExpiry;
 
 impl Expiry<Arc<str>, i64> for ExpExpiry {
     fn expire_after_create(&self, _: &Arc<str>, exp: &i64, _: Instant) -> Option<Duration> {
-        let left = Duration::from_secs((*exp - unix_now()).max(0) as u64);
-        Some((left + REVOKED_MARGIN).min(REVOKED_MAX))
+        Some(remembered_for(*exp, unix_now()))
     }
+}
+
+/// How long a `jti` revoked until `exp` is remembered from `now`: until `exp` plus the margin (no
+/// leeway accepts its token after that), at most [`REVOKED_MAX`]. A token that expired more than
+/// the margin ago is not remembered at all; before, every revoked `jti` was kept at least the
+/// margin from when it arrived, so a backlog of old revocations held memory for an hour.
+fn remembered_for(exp: i64, now: i64) -> Duration {
+    let until = exp.saturating_add(REVOKED_MARGIN.as_secs() as i64);
+    Duration::from_secs(until.saturating_sub(now).max(0) as u64).min(REVOKED_MAX)
 }
 
 /// What this sidecar knows, independent of how it reaches Redis: survives a reload that changes
@@ -631,5 +639,23 @@ async fn handle_message(shared: &Arc<Shared>, current: &CurrentPolicy, payload: 
             let (tenant, _) = event.user().unwrap_or_default();
             tracing::debug!(event = event.kind(), tenant, "revocation event for a tenant not served here")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoked_jti_is_remembered_until_its_exp_plus_the_margin() {
+        let now = 1_800_000_000;
+        let margin = REVOKED_MARGIN.as_secs() as i64;
+        assert_eq!(remembered_for(now + 300, now), Duration::from_secs(300 + 3600));
+        // Expired, but a leeway of up to an hour may still accept it: kept for what is left.
+        assert_eq!(remembered_for(now - margin + 120, now), Duration::from_secs(120));
+        // Past any leeway: nothing to remember.
+        assert_eq!(remembered_for(now - margin - 1, now), Duration::ZERO);
+        assert_eq!(remembered_for(i64::MIN, now), Duration::ZERO);
+        assert_eq!(remembered_for(i64::MAX, now), REVOKED_MAX);
     }
 }

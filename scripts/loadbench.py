@@ -1206,18 +1206,35 @@ def main_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_report(out: pathlib.Path, text: str) -> None:
-    """`text` as all of `out`, or, when `out` has the loadbench markers, between them: without its
+def write_report(out: pathlib.Path, text: str, marks: tuple[str, str] = (BEGIN_MARK, END_MARK)) -> None:
+    """`text` as all of `out`, or, when `out` has the `marks` (begin, end), between them: without its
     title (the including document has its own heading there) and with every heading one level down."""
+    begin, end = marks
     old = out.read_text() if out.exists() else ""
-    if BEGIN_MARK in old and END_MARK in old:
-        head, _, rest = old.partition(BEGIN_MARK)
-        _, _, tail = rest.partition(END_MARK)
+    if begin in old and end in old:
+        head, _, rest = old.partition(begin)
+        _, _, tail = rest.partition(end)
         body = re.sub(r"\A# [^\n]*\n+", "", text)
         body = re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", body, flags=re.MULTILINE)
-        out.write_text(f"{head}{BEGIN_MARK}\n{body}{END_MARK}{tail}")
+        out.write_text(f"{head}{begin}\n{body}{end}{tail}")
     else:
         out.write_text(text)
+
+
+def run_main(name: str, body, args: argparse.Namespace) -> int:
+    """`body(args)`'s exit code; a setup failure or a failed command is 2 with one line on stderr.
+    SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the processes started are stopped too."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return body(args)
+    except SetupError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as e:
+        print(f"{name}: command failed: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def serialization_key():
@@ -1257,17 +1274,7 @@ def main() -> int:
     if (args.rounds < 1 or args.seconds <= 0 or args.rate_rounds < 1 or args.rate_seconds <= 0
             or args.tokens < args.rounds * args.threads):
         p.error("need --rounds ≥ 1, --rate-rounds ≥ 1, --seconds > 0, --rate-seconds > 0 and --tokens ≥ rounds × threads")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        return main_run(args)
-    except SetupError as e:
-        print(f"loadbench: {e}", file=sys.stderr)
-        return 2
-    except subprocess.CalledProcessError as e:
-        print(f"loadbench: command failed: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_main("loadbench", main_run, args)
 
 
 if __name__ == "__main__":

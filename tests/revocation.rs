@@ -471,15 +471,19 @@ async fn a_stalled_redis_is_asked_by_one_check_at_a_time() {
     assert!(ask(&s, "acme", &with_jti("before")).await.allowed);
     redis.cmd::<String>(&["CONFIG", "RESETSTAT"]);
 
+    // Twelve clients and tokens, made before the stall, so that their checks start together.
+    let mut twelve = Vec::new();
+    for i in 0..12 {
+        let call = CheckCall::new().tenant("acme").bearer(&with_jti(&format!("unseen-{i}")));
+        twelve.push((s.client().await, call));
+    }
     let paused = redis.pause();
     // The first check after the stall finds out (fail-open: allowed after its timeout)...
     assert!(ask(&s, "acme", &with_jti("finds-out")).await.allowed);
     // ...and for a second no check asks. Then twelve checks at once, each with a jti never seen.
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let mut checks = tokio::task::JoinSet::new();
-    for i in 0..12 {
-        let mut client = s.client().await;
-        let call = CheckCall::new().tenant("acme").bearer(&with_jti(&format!("unseen-{i}")));
+    for (mut client, call) in twelve {
         checks.spawn(async move { client.call(&call).await });
     }
     while let Some(out) = checks.join_next().await {

@@ -500,8 +500,6 @@ impl Shared {
     }
 }
 
-/// Connects, subscribes and applies events; on any failure waits (exponential backoff with
-/// jitter, `reconnect_min_ms` to `reconnect_max_ms`) and starts again. Runs until aborted.
 /// The right to ask Redis after a failure, held by one check; given back when dropped (also when
 /// the check is cancelled).
 struct Probe<'a>(Option<&'a AtomicBool>);
@@ -514,6 +512,8 @@ impl Drop for Probe<'_> {
     }
 }
 
+/// Connects, subscribes and applies events; on any failure waits (exponential backoff with
+/// jitter, `reconnect_min_ms` to `reconnect_max_ms`) and starts again. Runs until aborted.
 async fn subscribe_forever(shared: Arc<Shared>, current: CurrentPolicy) {
     let settings = &shared.settings;
     let mut delay = settings.reconnect_min;

@@ -34,6 +34,17 @@ pub fn jwks_text(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
+/// Sends `signal` (`"TERM"`, `"HUP"`, `"STOP"`, ...) to process `pid` with kill(1).
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg("-s")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -s {signal} {pid} failed");
+}
+
 /// A port that was free a moment ago (bind `127.0.0.1:0`, read the port, release it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -141,13 +141,13 @@ impl Redis {
             .find_map(|l| l.strip_prefix("process_id:"))
             .and_then(|p| p.trim().parse().ok())
             .expect("INFO server: process_id");
-        signal(pid, "-STOP");
+        super::send_signal(pid, "STOP");
         pid
     }
 
     /// Lets a paused redis-server go on (SIGCONT); it then runs what it was sent meanwhile.
     pub fn resume(&self, pid: u32) {
-        signal(pid, "-CONT");
+        super::send_signal(pid, "CONT");
     }
 
     /// How many times Redis ran `command` since start or `CONFIG RESETSTAT` (INFO commandstats).
@@ -196,10 +196,4 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn signal(pid: u32, which: &str) {
-    let status =
-        std::process::Command::new("kill").args([which, &pid.to_string()]).status().expect("running kill");
-    assert!(status.success(), "kill {which} {pid} failed");
 }

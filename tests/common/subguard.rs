@@ -324,13 +324,7 @@ impl Subguard {
 
     /// Sends a signal (`"TERM"`, `"INT"`, `"HUP"`) to subguard.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg("-s")
-            .arg(signal)
-            .arg(self.pid().to_string())
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill -s {signal} failed");
+        super::send_signal(self.pid(), signal);
     }
 
     /// Waits for subguard to exit by itself; its exit code, or `None` if it still runs after

@@ -559,11 +559,11 @@ def wait_listening(procs: Processes, name: str, address: int | pathlib.Path, tim
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM in KiB."""
+    """VmRSS and VmHWM in KiB, and Threads."""
     out = {}
     for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "Threads"):
             out[key] = int(value.split()[0])
     return out
 

@@ -393,13 +393,6 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def threads(pid: int) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    return 0
-
-
 METRIC = re.compile(r'^(subguard_[a-z_]+?)(?:_total)?(?:\{([^}]*)\})? ([0-9.eE+-]+)$')
 
 
@@ -454,7 +447,7 @@ class Sampler(threading.Thread):
             try:
                 st = lb.proc_status(self.pid)
                 self.samples.append({"t": time.monotonic() - self.clock, "rss": st["VmRSS"], "hwm": st["VmHWM"],
-                                     "fds": fd_count(self.pid), "threads": threads(self.pid),
+                                     "fds": fd_count(self.pid), "threads": st["Threads"],
                                      "cpu": lb.cpu_seconds(self.pid),
                                      "envoy_rss": lb.proc_status(self.envoy_pid)["VmRSS"]})
             except (OSError, KeyError):

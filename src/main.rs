@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use subguard::check::Policy;
+use subguard::config::read;
 use subguard::explain::{self, ExplainRequest};
 use subguard::telemetry::{self, LogFormat, Metrics};
 
@@ -338,16 +339,11 @@ fn read_token(
 ) -> Result<Option<String>, String> {
     let text = match (token, file) {
         (Some(t), _) => t,
-        (None, Some(f)) => {
-            std::fs::read_to_string(f).map_err(|e| format!("--token-file {}: {e}", f.display()))?
-        }
+        (None, Some(f)) => read::any_text(f, read::SMALL_FILE_MAX_BYTES)
+            .map_err(|e| format!("--token-file {}: {e}", f.display()))?,
         (None, None) if headers.iter().any(|(k, _)| k == "authorization") => return Ok(None),
-        (None, None) => {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                .map_err(|e| format!("stdin: {e}"))?;
-            s
-        }
+        (None, None) => read::reader_text(std::io::stdin(), read::SMALL_FILE_MAX_BYTES)
+            .map_err(|e| format!("stdin: {e}"))?,
     };
     let t = text.trim();
     Ok((!t.is_empty()).then(|| t.to_string()))

@@ -276,6 +276,97 @@ fn validate_catches_what_serve_would_trip_on() {
     }
 }
 
+/// Runs subguard, failing the test if it has not exited within `limit` (a read that blocks).
+fn subguard_within(args: &[&str], limit: Duration) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_subguard"))
+        .args(args)
+        .env_remove("SUBGUARD_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running subguard");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("subguard's output"),
+        Err(_) => {
+            common::send_signal(pid, "KILL");
+            panic!("subguard {args:?} still running after {limit:?}");
+        }
+    }
+}
+
+#[test]
+fn files_a_config_names_must_be_regular_files_within_a_limit() {
+    let dir = ConfigDir::with(GOOD, USERS);
+    let config = dir.config_path();
+    let fifo = dir.path().join("pipe.yaml");
+    common::mkfifo(&fifo);
+    for (yaml, expected) in [
+        // A device would be read until memory ran out, a pipe would block validate (and a reload)
+        // for good: both are refused by what they are, before they are opened.
+        (
+            GOOD.replace("path: users.yaml", "path: /dev/zero"),
+            "directory.path: not a regular file but a character device: /dev/zero",
+        ),
+        (
+            GOOD.replace("path: users.yaml", "path: pipe.yaml"),
+            &*format!("directory.path: not a regular file but a named pipe: {}", fifo.display()),
+        ),
+        (GOOD.replace("path: users.yaml", "path: ."), "directory.path: not a regular file but a directory: "),
+        (
+            GOOD.replace("jwks_file: keys/issuer-a.jwks.json", "jwks_file: /dev/urandom"),
+            "tenants.acme.issuers[0].jwks_file: not a regular file but a character device: /dev/urandom",
+        ),
+        (
+            GOOD.replace("path: users.yaml", "path: users.yaml\n  max_file_bytes: 10"),
+            &*format!(
+                "directory.path: larger than the limit of 10 bytes (raise `max_file_bytes`): {}",
+                dir.users_path().display()
+            ),
+        ),
+        (
+            GOOD.replace("path: users.yaml", "path: users.yaml\n  max_file_bytes: 0"),
+            "directory.max_file_bytes: must be greater than 0",
+        ),
+        (
+            GOOD.replace(
+                "kind: file\n  path: users.yaml",
+                "kind: http\n  url: http://127.0.0.1:1/{sub}\n  max_file_bytes: 10",
+            ),
+            "directory.max_file_bytes: not used by `kind: http`",
+        ),
+    ] {
+        dir.write_config(&yaml);
+        let out =
+            subguard_within(&["validate", "--config", config.to_str().unwrap()], Duration::from_secs(20));
+        assert_eq!(out.status.code(), Some(1), "{yaml}\n{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with(expected)),
+            "expected a line starting {expected:?}:\n{}",
+            text(&out)
+        );
+    }
+    // A users file exactly at its limit is read.
+    let users_len = std::fs::metadata(dir.users_path()).unwrap().len();
+    dir.write_config(
+        &GOOD.replace("path: users.yaml", &format!("path: users.yaml\n  max_file_bytes: {users_len}")),
+    );
+    let out = subguard_within(&["validate", "--config", config.to_str().unwrap()], Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // The config itself may be a pipe (`--config <(...)`) or anything else that can be read, but
+    // only up to its own limit: /dev/zero is refused once 64 MiB are read.
+    let out = subguard_within(&["validate", "--config", "/dev/zero"], Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot read config file /dev/zero: larger than the limit of 64 MiB"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn validate_prints_one_line_per_error_whatever_the_yaml_holds() {
     // A YAML error is its position and what is wrong, without the parser's source excerpt.

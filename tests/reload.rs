@@ -265,6 +265,31 @@ async fn an_invalid_config_is_refused_logged_counted_and_the_old_one_keeps_servi
     assert!(new_lines.contains("hots"), "the refusal is logged with its cause:\n{new_lines}");
 }
 
+#[tokio::test]
+async fn a_users_path_turned_to_a_device_or_a_pipe_is_refused_and_reloads_go_on() {
+    let sg = Subguard::start(CONFIG, USERS);
+    let mut client = sg.client().await;
+    common::mkfifo(&sg.dir.path().join("pipe.yaml"));
+    // Read whole, /dev/zero took the sidecar to gigabytes within seconds; the pipe, which nothing
+    // writes, blocked the reloader's open for good, so no later change was ever applied.
+    for (path, what) in [("/dev/zero", "a character device"), ("pipe.yaml", "a named pipe")] {
+        let before = reloads_counted(&sg);
+        let logged_before = sg.logs().len();
+        sg.dir.write_config(&CONFIG.replace("path: users.yaml", &format!("path: {path}")));
+        let deadline = Instant::now() + WAIT;
+        while reloads_counted(&sg) <= before {
+            assert!(Instant::now() < deadline, "the reload of a config naming {path} never ended");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let new_lines = sg.logs()[logged_before..].join("\n");
+        assert!(new_lines.contains(&format!("not a regular file but {what}")), "{new_lines}");
+        assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed, "the old users keep serving");
+    }
+    sg.dir.write_config(&format!("{CONFIG}{GLOBEX}"));
+    let out = eventually(&mut client, "globex", &globex("g-1"), WAIT, |o| o.allowed).await;
+    assert!(out.allowed, "a valid change after the refused ones is applied: {out:#?}");
+}
+
 /// How many times a file event made subguard look for changes and it found none (a debug line
 /// each; the look it takes once at start has its own trigger).
 fn unchanged_checks(sg: &Subguard) -> usize {

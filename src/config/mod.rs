@@ -7,6 +7,7 @@
 //! what it accepts is exactly what `validate` can check offline.
 
 pub mod raw;
+pub mod read;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -346,7 +347,7 @@ pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
 
 /// Reads and validates the config file at `path`, with every file it names.
 pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read::any_text(path, read::CONFIG_MAX_BYTES).map_err(|e| {
         vec![ConfigError::new("", format!("cannot read config file {}: {e}", path.display()))]
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -359,6 +360,10 @@ pub fn from_yaml(text: &str, path: &Path, base: &Path) -> Result<Config, Vec<Con
     Loader { base: base.to_path_buf(), errors: Vec::new(), warnings: Vec::new(), extra_files: Vec::new() }
         .load(doc, path)
 }
+
+/// Users files already read while loading one config, by path and size limit: directories naming
+/// the same file share one parsed copy.
+type UsersCache = BTreeMap<(PathBuf, u64), Option<Arc<UsersFile>>>;
 
 struct Loader {
     base: PathBuf,
@@ -564,7 +569,7 @@ impl Loader {
         };
         let forward = self.forward(forward_raw);
 
-        let mut users_cache: BTreeMap<PathBuf, Option<Arc<UsersFile>>> = BTreeMap::new();
+        let mut users_cache = UsersCache::new();
         let default_dir = default_dir_raw.map(|d| self.directory("directory", &d, None, &mut users_cache));
 
         let mut tenants = BTreeMap::new();
@@ -780,7 +785,7 @@ impl Loader {
         p: &str,
         raw: &raw::Directory,
         defaults: Option<&CacheSettings>,
-        users_cache: &mut BTreeMap<PathBuf, Option<Arc<UsersFile>>>,
+        users_cache: &mut UsersCache,
     ) -> Option<DirectoryConfig> {
         let base = defaults.copied().unwrap_or_default();
         let cache = match &raw.cache {
@@ -832,11 +837,16 @@ impl Loader {
                     self.err(format!("{p}.path"), "`kind: file` needs the users file path");
                     return None;
                 };
+                let max_bytes = raw.max_file_bytes.unwrap_or(read::USERS_FILE_MAX_BYTES);
+                if max_bytes == 0 {
+                    self.err(format!("{p}.max_file_bytes"), "must be greater than 0");
+                    return None;
+                }
                 let full = self.resolve(file);
-                let users = match users_cache.get(&full) {
+                let users = match users_cache.get(&(full.clone(), max_bytes)) {
                     Some(cached) => cached.clone(),
                     None => {
-                        let parsed = match UsersFile::load(&full) {
+                        let parsed = match UsersFile::load(&full, max_bytes) {
                             Ok(u) => Some(Arc::new(u)),
                             Err(errs) => {
                                 for e in errs {
@@ -850,14 +860,16 @@ impl Loader {
                                 None
                             }
                         };
-                        users_cache.insert(full.clone(), parsed.clone());
+                        users_cache.insert((full.clone(), max_bytes), parsed.clone());
                         parsed
                     }
                 }?;
                 DirectoryKind::File { path: full, users }
             }
             "http" | "scim" => {
-                for (field, set) in [("path", raw.path.is_some())] {
+                for (field, set) in
+                    [("path", raw.path.is_some()), ("max_file_bytes", raw.max_file_bytes.is_some())]
+                {
                     if set {
                         self.err(format!("{p}.{field}"), format!("not used by `kind: {}`", raw.kind));
                     }
@@ -996,13 +1008,16 @@ impl Loader {
         }
         let ca_pem = match &raw.ca_file {
             None => None,
-            Some(f) => match std::fs::read({
-                self.extra_files.push(self.resolve(f));
-                self.resolve(f)
-            }) {
+            Some(f) => match read::file(
+                &{
+                    self.extra_files.push(self.resolve(f));
+                    self.resolve(f)
+                },
+                read::SMALL_FILE_MAX_BYTES,
+            ) {
                 Ok(pem) => Some(pem),
                 Err(e) => {
-                    self.err(format!("{p}.ca_file"), format!("{}: {f}", io_reason(&e)));
+                    self.err(format!("{p}.ca_file"), format!("{e}: {f}"));
                     None
                 }
             },
@@ -1077,10 +1092,10 @@ impl Loader {
         });
         let ca_pem = raw.ca_file.as_ref().and_then(|f| {
             self.extra_files.push(self.resolve(f));
-            match std::fs::read(self.resolve(f)) {
+            match read::file(&self.resolve(f), read::SMALL_FILE_MAX_BYTES) {
                 Ok(pem) => Some(pem),
                 Err(e) => {
-                    self.err(format!("{p}.ca_file"), format!("{}: {f}", io_reason(&e)));
+                    self.err(format!("{p}.ca_file"), format!("{e}: {f}"));
                     None
                 }
             }
@@ -1143,10 +1158,10 @@ impl Loader {
             (Some(v), None, None) => Some(v.to_string()),
             (None, Some(f), None) => {
                 self.extra_files.push(self.resolve(f));
-                match std::fs::read_to_string(self.resolve(f)) {
+                match read::text(&self.resolve(f), read::SMALL_FILE_MAX_BYTES) {
                     Ok(v) => Some(v.trim_end_matches(['\n', '\r']).to_string()),
                     Err(e) => {
-                        self.err(format!("{p}.from_file"), format!("{}: {f}", io_reason(&e)));
+                        self.err(format!("{p}.from_file"), format!("{e}: {f}"));
                         None
                     }
                 }
@@ -1170,7 +1185,7 @@ impl Loader {
         p: &str,
         raw: raw::Tenant,
         default_dir: Option<&Option<DirectoryConfig>>,
-        users_cache: &mut BTreeMap<PathBuf, Option<Arc<UsersFile>>>,
+        users_cache: &mut UsersCache,
     ) -> Option<TenantConfig> {
         if raw.issuers.is_empty() {
             self.err(format!("{p}.issuers"), "at least one issuer must be configured");
@@ -1237,9 +1252,9 @@ impl Loader {
         }
         let keys = if let Some(file) = raw.jwks_file {
             let path = self.resolve(&file);
-            match std::fs::read(&path) {
+            match read::file(&path, crate::keys::MAX_DOCUMENT_BYTES as u64) {
                 Err(e) => {
-                    self.err(format!("{ip}.jwks_file"), format!("{}: {file}", io_reason(&e)));
+                    self.err(format!("{ip}.jwks_file"), format!("{e}: {file}"));
                     return None;
                 }
                 Ok(bytes) => match KeySet::from_jwks(&bytes) {

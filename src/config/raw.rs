@@ -72,6 +72,8 @@ pub struct Directory {
     /// PEM bundle of extra trusted CA certificates.
     pub ca_file: Option<String>,
     pub max_response_bytes: Option<usize>,
+    /// `file`: longest users file read (a longer one is refused).
+    pub max_file_bytes: Option<u64>,
     /// `scim`: `userName` (default), `externalId` or `id`.
     #[serde(rename = "match")]
     pub match_by: Option<String>,

@@ -14,7 +14,8 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::{Lookup, User, has_outer_whitespace, plain_yaml};
-use crate::config::{ConfigError, deserialize_at, io_reason, raw::FileUser};
+use crate::config::read::{self, ReadError};
+use crate::config::{ConfigError, deserialize_at, raw::FileUser};
 
 /// The users of one tenant by sub. Hashed with foldhash rather than SipHash: the keys come from
 /// the operator's file, never from a request, so there is no hash flooding to defend against,
@@ -28,10 +29,13 @@ pub struct UsersFile {
 }
 
 impl UsersFile {
-    /// Reads and parses a users file. Errors name the path inside the file (`acme[2].roles`).
-    pub fn load(path: &Path) -> Result<UsersFile, Vec<ConfigError>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| vec![ConfigError::new("", format!("{}: {}", io_reason(&e), path.display()))])?;
+    /// Reads and parses a users file of at most `max_bytes`. Errors name the path inside the file
+    /// (`acme[2].roles`).
+    pub fn load(path: &Path, max_bytes: u64) -> Result<UsersFile, Vec<ConfigError>> {
+        let text = read::text(path, max_bytes).map_err(|e| {
+            let hint = if matches!(e, ReadError::TooLarge(_)) { " (raise `max_file_bytes`)" } else { "" };
+            vec![ConfigError::new("", format!("{e}{hint}: {}", path.display()))]
+        })?;
         let parsed = Self::parse(&text);
         if text.len() >= TRIM_AFTER_BYTES {
             drop(text);

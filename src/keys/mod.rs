@@ -523,7 +523,13 @@ impl KeyStore {
     async fn fetch(&self) -> Result<Arc<KeySet>, KeyError> {
         let set = match &self.source {
             KeySource::File { path, .. } => {
-                let bytes = tokio::fs::read(path).await.map_err(|e| KeyError::Io(e.to_string()))?;
+                let file = path.clone();
+                let bytes = tokio::task::spawn_blocking(move || {
+                    crate::config::read::file(&file, MAX_DOCUMENT_BYTES as u64)
+                })
+                .await
+                .map_err(|e| KeyError::Io(e.to_string()))?
+                .map_err(|e| KeyError::Io(format!("{e}: {}", path.display())))?;
                 self.resolved_from.store(Some(Arc::new(path.display().to_string())));
                 KeySet::from_jwks(&bytes)?
             }

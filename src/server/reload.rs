@@ -119,8 +119,9 @@ fn stamps(files: &BTreeSet<PathBuf>) -> Stamps {
         .collect()
 }
 
-/// A digest of the contents of `files` (a missing or unreadable file counts as missing), read in
-/// small pieces so a large users file is never held twice.
+/// A digest of the contents of `files` (a missing or unreadable file, or one that is not a
+/// regular file, counts as missing), read in small pieces so a large users file is never held
+/// twice.
 fn fingerprint(files: &BTreeSet<PathBuf>) -> [u8; 32] {
     let mut ctx = digest::Context::new(&digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
@@ -129,7 +130,9 @@ fn fingerprint(files: &BTreeSet<PathBuf>) -> [u8; 32] {
         ctx.update(&(name.len() as u64).to_le_bytes());
         ctx.update(name);
         let mut len: u64 = 0;
-        let mut readable = std::fs::File::open(f).ok();
+        // Only regular files are read: a named pipe would block the open, a device never ends
+        // (the config then refuses such a file by name).
+        let mut readable = crate::config::read::regular(f).ok().and_then(|_| std::fs::File::open(f).ok());
         while let Some(file) = readable.as_mut() {
             match file.read(&mut buf) {
                 Ok(0) => break,

@@ -45,6 +45,12 @@ pub fn send_signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -s {signal} {pid} failed");
 }
 
+/// Makes a named pipe at `path` with mkfifo(1): a file whose open blocks until something writes.
+pub fn mkfifo(path: &std::path::Path) {
+    let status = std::process::Command::new("mkfifo").arg(path).status().expect("running mkfifo");
+    assert!(status.success(), "mkfifo {} failed", path.display());
+}
+
 /// A port that was free a moment ago (bind `127.0.0.1:0`, read the port, release it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -9,7 +9,8 @@
 //!   through 10 000 distinct pre-minted tokens with the cache off, so every check verifies.
 //! - Every group but the warm `same_token` runs with the token cache off, so its numbers show the
 //!   pipeline's own costs.
-//! - `deny_early`: the cheap denials decided before any key is looked up.
+//! - `deny_early`: the cheap denials decided before any key is looked up; `untrusted_issuer` also
+//!   with 5 000 more tenants, one of which trusts the issuer (the deny names it).
 //! - `directory_eddsa`: an `http` directory against a fixture server on 127.0.0.1 (own thread,
 //!   own runtime, answering 200 `{"id":"u-1"}`), cache hit versus miss; the file directory with the
 //!   same token is the baseline. EdDSA tokens keep the signature share small and make minting a
@@ -189,8 +190,15 @@ acme:
     roles: [viewer]
 "#;
 
-fn config_yaml(directory_url: &str, token_cache_entries: u64) -> String {
-    format!(
+fn config_yaml(directory_url: &str, token_cache_entries: u64, other_tenants: usize) -> String {
+    let others: String = (0..other_tenants)
+        .map(|i| {
+            format!(
+                "  t{i:05}:\n    issuers:\n      - issuer: \"https://idp.t{i:05}.test/\"\n        audiences: [\"{AUDIENCE}\"]\n        algorithms: [\"EdDSA\"]\n        jwks_file: issuer-a.jwks.json\n"
+            )
+        })
+        .collect();
+    let yaml = format!(
         r#"
 tenant:
   header: x-tenant-id
@@ -223,7 +231,8 @@ tenants:
         negative_ttl_seconds: 5
         max_entries: 1000000
 "#
-    )
+    );
+    yaml + &others
 }
 
 /// Writes the config, users file and JWKS into a temporary folder and builds the [`Policy`].
@@ -231,13 +240,14 @@ fn build_policy(
     rt: &Runtime,
     directory_addr: SocketAddr,
     token_cache_entries: u64,
+    other_tenants: usize,
 ) -> (tempfile::TempDir, Policy) {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::copy(keys_dir().join("issuer-a.jwks.json"), dir.path().join("issuer-a.jwks.json")).unwrap();
     std::fs::write(dir.path().join("users.yaml"), USERS_YAML).unwrap();
     let url = format!("http://{directory_addr}/tenants/{{tenant}}/users/{{sub}}");
     let config_path = dir.path().join("subguard.yaml");
-    std::fs::write(&config_path, config_yaml(&url, token_cache_entries)).unwrap();
+    std::fs::write(&config_path, config_yaml(&url, token_cache_entries, other_tenants)).unwrap();
     let config = subguard::config::load(&config_path).unwrap_or_else(|errs| {
         panic!("bench config invalid:\n{}", errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
     });
@@ -293,9 +303,9 @@ fn expect(rt: &Runtime, policy: &Policy, req: &Request, now: i64, code: &str) {
 fn decision(c: &mut Criterion) {
     let rt = runtime();
     let fixture = start_directory();
-    let (_dir, policy) = build_policy(&rt, fixture.addr, 0);
+    let (_dir, policy) = build_policy(&rt, fixture.addr, 0, 0);
     let policy = &policy;
-    let (_dir_cached, cached_policy) = build_policy(&rt, fixture.addr, 100_000);
+    let (_dir_cached, cached_policy) = build_policy(&rt, fixture.addr, 100_000, 0);
     let cached_policy = &cached_policy;
     let now = now();
 
@@ -349,6 +359,15 @@ fn decision(c: &mut Criterion) {
         let untrusted = Request::bearer("acme", &ed.token("https://idp.unknown.test/", SUB, 0));
         expect(&rt, policy, &untrusted, now, "untrusted_issuer");
         g.bench_function("untrusted_issuer", |b| b.to_async(&rt).iter(|| policy.check(&untrusted, now)));
+
+        // The same with 5 000 more tenants, the last of which trusts the token's issuer: the
+        // deny's detail names that tenant.
+        let (_many_dir, many) = build_policy(&rt, fixture.addr, 0, 5_000);
+        let elsewhere = Request::bearer("acme", &ed.token("https://idp.t04999.test/", SUB, 0));
+        expect(&rt, &many, &elsewhere, now, "untrusted_issuer");
+        g.bench_function("untrusted_issuer (5 000 tenants, trusted by another)", |b| {
+            b.to_async(&rt).iter(|| many.check(&elsewhere, now))
+        });
         g.finish();
     }
 

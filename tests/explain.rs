@@ -258,6 +258,31 @@ async fn untrusted_issuer_names_the_tenant_that_trusts_it() {
 }
 
 #[tokio::test]
+async fn untrusted_issuer_names_the_first_tenant_by_name_that_trusts_it_or_none() {
+    // globex, zeta and beta all trust globex's issuer; acme does not.
+    let more: String = ["zeta", "beta"]
+        .iter()
+        .map(|t| {
+            format!(
+                "  {t}:\n    issuers:\n      - issuer: \"{ISS_GLOBEX}\"\n        audiences: [\"orders\"]\n        jwks_file: keys/issuer-b.jwks.json\n"
+            )
+        })
+        .collect();
+    let sg = Subguard::start(&format!("{CONFIG}{more}"), &users_yaml());
+    let token =
+        |iss: &str| TokenBuilder::new("rsa-2", Algorithm::RS256).iss(iss).aud("orders").sub("u-77").build();
+    let r = agree(&sg, Input::acme(token(ISS_GLOBEX)), "untrusted_issuer").await;
+    assert_eq!(step(&r, "issuer")["data"]["trusted_by_tenant"], "beta", "{r:#}");
+    assert!(
+        r["decision"]["detail"].as_str().unwrap().contains("trusted by tenant beta, not this one"),
+        "{r:#}"
+    );
+    let r = agree(&sg, Input::acme(token("https://idp.nobody.test/")), "untrusted_issuer").await;
+    assert_eq!(step(&r, "issuer")["data"]["trusted_by_tenant"], Value::Null, "{r:#}");
+    assert!(r["decision"]["detail"].as_str().unwrap().contains("is not trusted by any tenant"), "{r:#}");
+}
+
+#[tokio::test]
 async fn unsupported_algorithm() {
     let token =
         TokenBuilder::new("ec-384", Algorithm::ES384).iss(ISS_ACME).aud("orders").sub(ADMIN_SUB).build();

@@ -69,6 +69,9 @@ pub struct Policy {
     pub token: TokenSettings,
     pub forward: Arc<Forward>,
     pub tenants: HashMap<String, Arc<Tenant>>,
+    /// Each issuer, with the first tenant (by name) that trusts it: an `untrusted_issuer` deny
+    /// names the tenant the token was meant for without a pass over every tenant.
+    trusted_by: HashMap<Arc<str>, Arc<str>>,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     /// Tokens whose signature verified, so a repeated token skips parsing and verification.
@@ -138,6 +141,14 @@ impl Policy {
             metrics.declare_tenant(&tenant.name, tenant.issuers.iter().map(|i| &i.iss));
             tenants.insert(name.clone(), Arc::new(tenant));
         }
+        // `config.tenants` is ordered by name, so the first tenant seen is the first by name.
+        let mut trusted_by: HashMap<Arc<str>, Arc<str>> = HashMap::new();
+        for name in config.tenants.keys() {
+            let Some(tenant) = tenants.get(name) else { continue };
+            for issuer in &tenant.issuers {
+                trusted_by.entry(issuer.iss.clone()).or_insert_with(|| tenant.name.clone());
+            }
+        }
         let revocation = match &config.revocation {
             None => None,
             Some(settings) => match previous.and_then(|p| p.revocation.as_ref()) {
@@ -154,6 +165,7 @@ impl Policy {
             token: config.token,
             forward: Arc::new(config.forward.clone()),
             tenants,
+            trusted_by,
             token_cache: TokenCache::new(config.token.cache_max_entries),
             config: Arc::new(config),
             metrics,
@@ -654,14 +666,14 @@ impl Policy {
         else {
             d.detail = Some(match claims.iss.as_deref() {
                 None => "the token has no iss".into(),
-                Some(iss) => match self.tenants_trusting(iss, &tenant.name) {
+                Some(iss) => match self.tenant_trusting(iss) {
                     Some(other) => format!("iss {:?} is trusted by tenant {other}, not this one", clip(iss)),
                     None => format!("iss {:?} is not trusted by any tenant", clip(iss)),
                 },
             });
             note(&mut trace, || {
                 let trusted: Vec<&str> = tenant.issuers.iter().map(|i| &*i.iss).collect();
-                let other = claims.iss.as_deref().and_then(|iss| self.tenants_trusting(iss, &tenant.name));
+                let other = claims.iss.as_deref().and_then(|iss| self.tenant_trusting(iss));
                 step(
                     "issuer",
                     Status::Fail,
@@ -724,16 +736,10 @@ impl Policy {
         })
     }
 
-    /// Another tenant that trusts `iss` (the classic wrong-tenant mistake), for the log line.
-    fn tenants_trusting(&self, iss: &str, except: &str) -> Option<&str> {
-        let mut names: Vec<&str> = self
-            .tenants
-            .values()
-            .filter(|t| &*t.name != except && t.issuer(iss).is_some())
-            .map(|t| &*t.name)
-            .collect();
-        names.sort_unstable();
-        names.first().copied()
+    /// The first tenant (by name) that trusts `iss`, for the detail of a tenant that does not
+    /// (the classic wrong-tenant mistake).
+    fn tenant_trusting(&self, iss: &str) -> Option<&str> {
+        self.trusted_by.get(iss).map(|name| &**name)
     }
 }
 

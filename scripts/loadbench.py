@@ -271,24 +271,63 @@ class Ports:
         return [self.base + o for o in range(17)]
 
 
+ROUTER = {"name": "envoy.filters.http.router",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+
+
+def tcp_address(port: int) -> dict:
+    return {"socket_address": {"address": HOST, "port_value": port}}
+
+
+def ext_authz_filter(cluster: str) -> dict:
+    """As in envoy/subguard-sidecar*.yaml: fail closed, 0.5 s timeout, only the headers subguard reads."""
+    return {"name": "envoy.filters.http.ext_authz", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "0.5s"},
+        "failure_mode_allow": False,
+        "status_on_error": {"code": 503},
+        "include_peer_certificate": False,
+        "allowed_headers": {"patterns": [{"exact": h} for h in
+                                         ("authorization", ":authority", "host", "x-tenant-id",
+                                          "x-request-id", "traceparent")]},
+    }}
+
+
+def direct_listener(name: str, port: int, filters: list[dict]) -> dict:
+    """A listener on HOST:port whose every request passes `filters` and is answered 200 "ok" by Envoy."""
+    return {
+        "name": name,
+        "address": tcp_address(port),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "route_config": {"name": name, "virtual_hosts": [{
+                    "name": name, "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"},
+                                "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}],
+                }]},
+                "http_filters": filters + [ROUTER],
+            },
+        }]}],
+    }
+
+
+def grpc_cluster(name: str, address: dict) -> dict:
+    """A cluster of one gRPC (HTTP/2) endpoint."""
+    return {
+        "name": name, "type": "STATIC", "connect_timeout": "1s",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}},
+        "load_assignment": {"cluster_name": name,
+                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}]},
+    }
+
+
 def envoy_bootstrap(ports: Ports, uds: pathlib.Path, floor_uds: pathlib.Path) -> dict:
-    router = {"name": "envoy.filters.http.router",
-              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-
-    def ext_authz(cluster: str) -> dict:
-        # As in envoy/subguard-sidecar*.yaml: fail closed, 0.5 s timeout, only the headers subguard reads.
-        return {"name": "envoy.filters.http.ext_authz", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "transport_api_version": "V3",
-            "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "0.5s"},
-            "failure_mode_allow": False,
-            "status_on_error": {"code": 503},
-            "include_peer_certificate": False,
-            "allowed_headers": {"patterns": [{"exact": h} for h in
-                                             ("authorization", ":authority", "host", "x-tenant-id",
-                                              "x-request-id", "traceparent")]},
-        }}
-
     jwt_authn = {"name": "envoy.filters.http.jwt_authn", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
         "providers": {"acme": {
@@ -301,58 +340,26 @@ def envoy_bootstrap(ports: Ports, uds: pathlib.Path, floor_uds: pathlib.Path) ->
         "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "acme"}}],
     }}
 
-    filters = {"noauth": [], "jwt_authn": [jwt_authn], "floor": [ext_authz("floor")],
-               "floor_uds": [ext_authz("floor_uds")], "floor_b": [ext_authz("floor_b")],
-               "floor_id": [ext_authz("floor_id")],
-               "sg_tcp": [ext_authz("subguard_tcp")],
-               "sg_uds": [ext_authz("subguard_uds")]}
-
-    def listener(name: str) -> dict:
-        return {
-            "name": name,
-            "address": {"socket_address": {"address": HOST, "port_value": getattr(ports, name)}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": name,
-                    "route_config": {"name": name, "virtual_hosts": [{
-                        "name": name, "domains": ["*"],
-                        "routes": [{"match": {"prefix": "/"},
-                                    "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}],
-                    }]},
-                    "http_filters": filters[name] + [router],
-                },
-            }]}],
-        }
-
-    def grpc_cluster(name: str, address: dict) -> dict:
-        return {
-            "name": name, "type": "STATIC", "connect_timeout": "1s",
-            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}},
-            "load_assignment": {"cluster_name": name,
-                                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}]},
-        }
-
-    def tcp(port: int) -> dict:
-        return {"socket_address": {"address": HOST, "port_value": port}}
+    filters = {"noauth": [], "jwt_authn": [jwt_authn], "floor": [ext_authz_filter("floor")],
+               "floor_uds": [ext_authz_filter("floor_uds")], "floor_b": [ext_authz_filter("floor_b")],
+               "floor_id": [ext_authz_filter("floor_id")],
+               "sg_tcp": [ext_authz_filter("subguard_tcp")],
+               "sg_uds": [ext_authz_filter("subguard_uds")]}
 
     return {
-        "admin": {"address": tcp(ports.envoy_admin)},
+        "admin": {"address": tcp_address(ports.envoy_admin)},
         "overload_manager": {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
                 "max_active_downstream_connections": 10000}}]},
         "static_resources": {
-            "listeners": [listener(n) for n in [*LISTENERS, "floor_b"]],
-            "clusters": [grpc_cluster("floor", tcp(ports.floor_grpc)),
+            "listeners": [direct_listener(n, getattr(ports, n), filters[n]) for n in [*LISTENERS, "floor_b"]],
+            "clusters": [grpc_cluster("floor", tcp_address(ports.floor_grpc)),
                          grpc_cluster("floor_uds", {"pipe": {"path": str(floor_uds)}}),
-                         grpc_cluster("floor_b", tcp(ports.floor_b_grpc)),
-                         grpc_cluster("floor_id", tcp(ports.floor_id_grpc)),
-                         grpc_cluster("subguard_tcp", tcp(ports.sg_tcp_grpc)),
+                         grpc_cluster("floor_b", tcp_address(ports.floor_b_grpc)),
+                         grpc_cluster("floor_id", tcp_address(ports.floor_id_grpc)),
+                         grpc_cluster("subguard_tcp", tcp_address(ports.sg_tcp_grpc)),
                          grpc_cluster("subguard_uds", {"pipe": {"path": str(uds)}})],
         },
     }
@@ -776,18 +783,43 @@ def envoy_stats(ports: Ports) -> dict[str, dict[str, int]]:
 SUBGUARD_COUNTERS = [("subguard_checks_total", "reason"), ("subguard_token_cache_lookups_total", "outcome")]
 
 
-def subguard_counters(port: int) -> dict[str, dict[str, float]]:
-    """Each counter of SUBGUARD_COUNTERS summed by its label (a counter subguard lacks is left out)."""
-    _, body = http_get(port, "/metrics")
+# One sample of subguard's /metrics: the family (a counter's without `_total`), its labels, the value.
+METRIC = re.compile(r'^(subguard_[a-z_]+?)(?:_total)?(?:\{([^}]*)\})? ([0-9.eE+-]+)$')
+
+
+def scrape_metrics(port: int) -> dict[str, dict[str, float]]:
+    """subguard's /metrics: {family: {labels: value}}."""
+    status, body = http_get(port, "/metrics", timeout=5)
+    if status != 200:
+        raise SetupError(f"/metrics answered {status}")
     out: dict[str, dict[str, float]] = {}
     for line in body.decode().splitlines():
-        for name, label in SUBGUARD_COUNTERS:
-            if line.startswith(name + "{"):
-                m = re.search(rf'{label}="([^"]*)"', line)
-                if m:
-                    by = out.setdefault(f"{name} by {label}", {})
-                    by[m.group(1)] = by.get(m.group(1), 0) + float(line.rsplit(" ", 1)[1])
+        m = METRIC.match(line)
+        if m:
+            out.setdefault(m.group(1), {})[m.group(2) or ""] = float(m.group(3))
     return out
+
+
+def label(labels: str, name: str) -> str:
+    """The value of label `name` in a sample's `a="x",b="y"` text ("" when it has none)."""
+    m = re.search(rf'(?:^|,){name}="([^"]*)"', labels)
+    return m.group(1) if m else ""
+
+
+def by_label(family: dict[str, float], name: str) -> dict[str, float]:
+    """A family's samples summed by the value of one label."""
+    out: dict[str, float] = {}
+    for labels, value in family.items():
+        key = label(labels, name)
+        out[key] = out.get(key, 0) + value
+    return out
+
+
+def subguard_counters(port: int) -> dict[str, dict[str, float]]:
+    """Each counter of SUBGUARD_COUNTERS summed by its label (a counter subguard lacks is left out)."""
+    families = scrape_metrics(port)
+    return {f"{name} by {lab}": by_label(families[name.removesuffix("_total")], lab)
+            for name, lab in SUBGUARD_COUNTERS if name.removesuffix("_total") in families}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -393,45 +393,16 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-METRIC = re.compile(r'^(subguard_[a-z_]+?)(?:_total)?(?:\{([^}]*)\})? ([0-9.eE+-]+)$')
-
-
-def metrics(port: int) -> dict[str, dict[str, float]]:
-    """subguard's /metrics: {family: {labels: value}}."""
-    status, body = lb.http_get(port, "/metrics", timeout=5)
-    if status != 200:
-        raise lb.SetupError(f"/metrics answered {status}")
-    out: dict[str, dict[str, float]] = {}
-    for line in body.decode().splitlines():
-        m = METRIC.match(line)
-        if m:
-            out.setdefault(m.group(1), {})[m.group(2) or ""] = float(m.group(3))
-    return out
-
-
-def label(labels: str, name: str) -> str:
-    m = re.search(rf'(?:^|,){name}="([^"]*)"', labels)
-    return m.group(1) if m else ""
-
-
 def hist_quantile(now: dict[str, float], before: dict[str, float], q: float) -> str:
     """The upper bound of the histogram bucket holding quantile `q` of what was observed between two
     scrapes of subguard_check_duration_seconds_bucket, as milliseconds."""
-    buckets = sorted(((float("inf") if label(k, "le") == "+Inf" else float(label(k, "le")), v - before.get(k, 0))
+    buckets = sorted(((float("inf") if lb.label(k, "le") == "+Inf" else float(lb.label(k, "le")), v - before.get(k, 0))
                       for k, v in now.items()), key=lambda b: b[0])
     total = buckets[-1][1] if buckets else 0
     for le, count in buckets:
         if total and count >= q * total:
             return "> 1000" if le == float("inf") else f"≤ {le * 1000:g}"
     return "–"
-
-
-def by_label(family: dict[str, float], name: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for labels, value in family.items():
-        key = label(labels, name)
-        out[key] = out.get(key, 0) + value
-    return out
 
 
 class Sampler(threading.Thread):
@@ -482,44 +453,14 @@ end
 
 
 def envoy_config(ports: dict) -> dict:
-    boot = {
-        "admin": {"address": {"socket_address": {"address": HOST, "port_value": ports["envoy_admin"]}}},
+    """One listener through ext_authz to subguard, as the harness's sg_tcp."""
+    return {
+        "admin": {"address": lb.tcp_address(ports["envoy_admin"])},
         "static_resources": {
-            "listeners": [{
-                "name": "soak",
-                "address": {"socket_address": {"address": HOST, "port_value": ports["envoy"]}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "soak",
-                        "route_config": {"name": "soak", "virtual_hosts": [{
-                            "name": "soak", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"},
-                                        "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}]}]},
-                        "http_filters": [
-                            {"name": "envoy.filters.http.ext_authz", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                                "transport_api_version": "V3",
-                                "grpc_service": {"envoy_grpc": {"cluster_name": "subguard"}, "timeout": "0.5s"},
-                                "failure_mode_allow": False,
-                                "status_on_error": {"code": 503},
-                                "include_peer_certificate": False,
-                                "allowed_headers": {"patterns": [{"exact": h} for h in
-                                                                 ("authorization", ":authority", "host",
-                                                                  "x-tenant-id", "x-request-id", "traceparent")]}}},
-                            {"name": "envoy.filters.http.router", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                    }}]}]}],
-            "clusters": [{
-                "name": "subguard", "type": "STATIC", "connect_timeout": "1s",
-                "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}}}},
-                "load_assignment": {"cluster_name": "subguard", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                    "address": {"socket_address": {"address": HOST, "port_value": ports["grpc"]}}}}]}]}}]},
+            "listeners": [lb.direct_listener("soak", ports["envoy"], [lb.ext_authz_filter("subguard")])],
+            "clusters": [lb.grpc_cluster("subguard", lb.tcp_address(ports["grpc"]))],
+        },
     }
-    return boot
 
 
 def chaos(clock: Clock, redis: Redis, stop: threading.Event, events: list[str]) -> None:
@@ -659,7 +600,7 @@ def main_run(args: argparse.Namespace) -> int:
                 raise lb.SetupError(f"subguard exited:\n{procs.tail('subguard')}")
             data = wrk_segment(ports["envoy"], script, requests, args.rate, offset, args.connections)
             offset += data["requests"]
-            snap = metrics(ports["admin"])
+            snap = lb.scrape_metrics(ports["admin"])
             fx = counters.snapshot()
             segments.append(data)
             minutes.append({"minute": seg + 1, "wrk": data, "metrics": snap, "fixture": fx,
@@ -671,7 +612,7 @@ def main_run(args: argparse.Namespace) -> int:
         stop.set()
         sampler.stopping.set()
         sampler.join(timeout=15)
-        final_metrics = metrics(ports["admin"])
+        final_metrics = lb.scrape_metrics(ports["admin"])
         final_fixture = counters.snapshot()
         text, failures = report(args, minutes, sampler.samples, final_metrics, final_fixture, chaos_events,
                                 load_before, ready)
@@ -705,9 +646,9 @@ def report(args: argparse.Namespace, minutes: list[dict], samples: list[dict], f
     low2, low4 = min(s["rss"] for s in second) / 1024, min(s["rss"] for s in last) / 1024
     high2, high4 = max(s["rss"] for s in second) / 1024, max(s["rss"] for s in last) / 1024
 
-    checks = by_label(final.get("subguard_checks", {}), "reason")
+    checks = lb.by_label(final.get("subguard_checks", {}), "reason")
     total_checks = sum(checks.values())
-    reloads = by_label(final.get("subguard_config_reloads", {}), "outcome")
+    reloads = lb.by_label(final.get("subguard_config_reloads", {}), "outcome")
     expected_reloads = fixture.get("reload_users", 0) + fixture.get("reload_config", 0)
 
     # JWKS fetches per minute, from the fixture's counters at each minute's end.
@@ -784,7 +725,7 @@ def report(args: argparse.Namespace, minutes: list[dict], samples: list[dict], f
         hist = m["metrics"].get("subguard_check_duration_seconds_bucket", {})
         own_p99 = hist_quantile(hist, prev_hist, 0.99)
         prev_hist = hist
-        tc = by_label(m["metrics"].get("subguard_token_cache_lookups", {}), "outcome")
+        tc = lb.by_label(m["metrics"].get("subguard_token_cache_lookups", {}), "outcome")
         d_tc = {k: v - prev_tc.get(k, 0) for k, v in tc.items()}
         prev_tc = tc
         hits = d_tc.get("hit", 0)

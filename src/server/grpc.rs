@@ -57,11 +57,43 @@ impl tonic::server::NamedService for AuthorizationService {
 /// kilobytes each: 64 MiB is ten times what `max_in_flight_checks` (4 096) of them hold.
 pub const PENDING_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 
-/// A request body that counts what it delivers against [`PENDING_REQUEST_BYTES`] while it lives.
+/// Check requests being received (their stream open, the request not yet read to its end), over
+/// every connection, at most; one more is refused at once with `RESOURCE_EXHAUSTED`. Each holds
+/// about 10 KiB (HTTP/2 stream, request, decoder buffer) even when it sends nothing after its
+/// headers, so without a bound a client that opens streams and sends no body grows the process
+/// without end (40 000 such streams took it from 26 to 400 MiB). Envoy sends a check's headers
+/// and message together, so its requests are in this state for microseconds: this is the default
+/// `max_in_flight_checks`, about 40 MiB.
+pub const RECEIVING_REQUESTS: usize = 4096;
+
+/// How long a check request may take to arrive once its stream is open (counted from the first
+/// time its body is not ready, which for a stalled stream is as it opens); then it fails with
+/// `DEADLINE_EXCEEDED` and gives its place back. Envoy's arrive at once; this frees the places
+/// that a stalled or hostile client holds, as the listener closes a connection that has not sent
+/// its preface within 10 s.
+pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request body being received: it counts itself against [`RECEIVING_REQUESTS`] and what it
+/// delivers against [`PENDING_REQUEST_BYTES`] while it lives (tonic drops it once the request is
+/// read), and fails once [`RECEIVE_TIMEOUT`] has passed without its end.
 struct Budgeted<B> {
     body: B,
     state: Arc<State>,
     held: usize,
+    /// Armed the first time the body is not ready (Envoy's are, and never need it), which for a
+    /// stalled stream is as it opens.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Budgeted<B> {
+    /// `body` counted as a request being received, or `None` when [`RECEIVING_REQUESTS`] are.
+    fn take(body: B, state: &Arc<State>) -> Option<Self> {
+        if state.receiving_requests.fetch_add(1, Ordering::AcqRel) >= RECEIVING_REQUESTS {
+            state.receiving_requests.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Budgeted { body, state: state.clone(), held: 0, timer: None })
+    }
 }
 
 impl<B: Body + Unpin> Body for Budgeted<B>
@@ -93,7 +125,16 @@ where
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(RECEIVE_TIMEOUT)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(
+                        "the check request did not arrive in full within 10 s",
+                    )
+                    .into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -108,6 +149,7 @@ where
 
 impl<B> Drop for Budgeted<B> {
     fn drop(&mut self) {
+        self.state.receiving_requests.fetch_sub(1, Ordering::AcqRel);
         if self.held > 0 {
             self.state.pending_request_bytes.fetch_sub(self.held, Ordering::Relaxed);
         }
@@ -132,8 +174,14 @@ where
             // Another method of this service.
             return unimplemented();
         }
+        let (parts, body) = req.into_parts();
+        let Some(body) = Budgeted::take(body, &self.state) else {
+            return Box::pin(async {
+                Ok(Status::resource_exhausted("too many check requests being received at once").into_http())
+            });
+        };
+        let req = http::Request::from_parts(parts, body);
         let method = CheckMethod(self.state.clone());
-        let req = req.map(|body| Budgeted { body, state: self.state.clone(), held: 0 });
         let deadline = req
             .headers()
             .get("grpc-timeout")

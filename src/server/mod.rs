@@ -32,6 +32,8 @@ pub struct State {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Request bytes received and not yet decoded (`grpc::PENDING_REQUEST_BYTES` bounds them).
     pub pending_request_bytes: std::sync::atomic::AtomicUsize,
+    /// Check requests being received (`grpc::RECEIVING_REQUESTS` bounds them).
+    pub receiving_requests: std::sync::atomic::AtomicUsize,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     shutting_down: AtomicBool,
@@ -43,6 +45,7 @@ impl State {
             policy: ArcSwap::from_pointee(policy),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             pending_request_bytes: std::sync::atomic::AtomicUsize::new(0),
+            receiving_requests: std::sync::atomic::AtomicUsize::new(0),
             metrics,
             registry,
             shutting_down: AtomicBool::new(false),

@@ -178,7 +178,8 @@ async fn request_bytes_pending_across_unfinished_checks_are_bounded() {
     drop(feeds);
 }
 
-/// Streams that open a check and send nothing after its headers hold about 10 KiB each: at most
+/// Streams that open a check (or a health check) and send nothing after its headers hold about
+/// 10 KiB each: at most
 /// 4 096 are held at a time (one more is refused with `RESOURCE_EXHAUSTED` at once), and each held
 /// one fails with `DEADLINE_EXCEEDED` 10 s after it opened, giving its place back. Without the
 /// bound, 40 000 of them took subguard from 26 to 400 MiB.
@@ -191,10 +192,12 @@ async fn requests_that_never_arrive_are_bounded_and_time_out() {
     let directory = DirectoryServer::start();
     let sg = subguard_with(4096, &directory);
     const STREAMS: usize = 4800;
+    const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
     let mut feeds = Vec::new();
     let mut answers = Vec::new();
     let opened = std::time::Instant::now();
-    for _ in 0..4 {
+    // Three connections open checks, the fourth health checks: both are requests being received.
+    for path in [CHECK, CHECK, CHECK, "/grpc.health.v1.Health/Check"] {
         let tcp = tokio::net::TcpStream::connect(sg.grpc_addr()).await.unwrap();
         let (sender, connection) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
@@ -203,7 +206,7 @@ async fn requests_that_never_arrive_are_bounded_and_time_out() {
             // Headers, and a body that never comes (the sender is kept, so the stream stays open).
             let (feed, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
             feeds.push(feed);
-            let request = hyper::Request::post("/envoy.service.auth.v3.Authorization/Check")
+            let request = hyper::Request::post(path)
                 .header("content-type", "application/grpc")
                 .header("te", "trailers")
                 .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))

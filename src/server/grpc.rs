@@ -50,15 +50,15 @@ impl tonic::server::NamedService for AuthorizationService {
     const NAME: &'static str = "envoy.service.auth.v3.Authorization";
 }
 
-/// Bytes of check requests received and not yet decoded, over every stream of every connection,
+/// Bytes of requests received and not yet decoded, over every stream of every connection,
 /// at most. A client that starts many requests and never finishes them (each may announce up to
 /// the 4 MiB message limit) makes the server hold what it sent; past this, its data fails the
 /// stream (`RESOURCE_EXHAUSTED`) instead of growing the process. Envoy's checks are a few
 /// kilobytes each: 64 MiB is ten times what `max_in_flight_checks` (4 096) of them hold.
 pub const PENDING_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 
-/// Check requests being received (their stream open, the request not yet read to its end), over
-/// every connection, at most; one more is refused at once with `RESOURCE_EXHAUSTED`. Each holds
+/// Requests being received (their stream open, the request not yet read to its end: a check's
+/// or a health call's), over every connection, at most; one more is refused at once with `RESOURCE_EXHAUSTED`. Each holds
 /// about 10 KiB (HTTP/2 stream, request, decoder buffer) even when it sends nothing after its
 /// headers, so without a bound a client that opens streams and sends no body grows the process
 /// without end (40 000 such streams took it from 26 to 400 MiB). Envoy sends a check's headers
@@ -73,10 +73,11 @@ pub const RECEIVING_REQUESTS: usize = 4096;
 /// its preface within 10 s.
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A request body being received: it counts itself against [`RECEIVING_REQUESTS`] and what it
-/// delivers against [`PENDING_REQUEST_BYTES`] while it lives (tonic drops it once the request is
-/// read), and fails once [`RECEIVE_TIMEOUT`] has passed without its end.
-struct Budgeted<B> {
+/// A request body being received, as [`Routes`] hands it on: it counts itself against
+/// [`RECEIVING_REQUESTS`] and what it delivers against [`PENDING_REQUEST_BYTES`] while it lives
+/// (tonic drops it once the request is read), and fails once [`RECEIVE_TIMEOUT`] has passed
+/// without its end.
+pub struct Budgeted<B> {
     body: B,
     state: Arc<State>,
     held: usize,
@@ -174,13 +175,6 @@ where
             // Another method of this service.
             return unimplemented();
         }
-        let (parts, body) = req.into_parts();
-        let Some(body) = Budgeted::take(body, &self.state) else {
-            return Box::pin(async {
-                Ok(Status::resource_exhausted("too many check requests being received at once").into_http())
-            });
-        };
-        let req = http::Request::from_parts(parts, body);
         let method = CheckMethod(self.state.clone());
         let deadline = req
             .headers()
@@ -298,7 +292,7 @@ where
     B: Body + Send + Unpin + 'static,
     B::Error: Into<StdError> + Send + 'static,
     H: Service<
-            http::Request<B>,
+            http::Request<Budgeted<B>>,
             Response = http::Response<tonic::body::Body>,
             Error = Infallible,
             Future = BoxFuture<http::Response<tonic::body::Body>, Infallible>,
@@ -314,11 +308,19 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         use tonic::server::NamedService;
-        match service_of(req.uri().path()) {
-            Some(AuthorizationService::NAME) => self.authz.call(req),
-            Some(name) if name == H::NAME => self.health.call(req),
-            _ => unimplemented(),
-        }
+        let authz = match service_of(req.uri().path()) {
+            Some(AuthorizationService::NAME) => true,
+            Some(name) if name == H::NAME => false,
+            _ => return unimplemented(),
+        };
+        let (parts, body) = req.into_parts();
+        let Some(body) = Budgeted::take(body, &self.authz.state) else {
+            return Box::pin(async {
+                Ok(Status::resource_exhausted("too many requests being received at once").into_http())
+            });
+        };
+        let req = http::Request::from_parts(parts, body);
+        if authz { self.authz.call(req) } else { self.health.call(req) }
     }
 }
 

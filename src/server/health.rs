@@ -8,6 +8,8 @@
 //! once it has sent NOT_SERVING for the shutdown; checks in flight are what the drain waits for.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
@@ -47,7 +49,7 @@ impl HealthState {
     /// The handle, and the service to route `grpc.health.v1.Health` to. Not ready at first.
     pub fn new() -> (HealthState, HealthServer<HealthService>) {
         let (tx, rx) = watch::channel(Phase::NotReady);
-        (HealthState(tx), HealthServer::new(HealthService { phase: rx }))
+        (HealthState(tx), HealthServer::new(HealthService::new(rx)))
     }
 
     /// Ready or not; once stopping, it stays stopping.
@@ -68,10 +70,43 @@ impl HealthState {
     }
 }
 
+/// `Watch` calls open at once, at most; one more is `RESOURCE_EXHAUSTED`. A watch stays open as
+/// long as its client, and each holds a task, a channel and an HTTP/2 stream (a few KiB): a mesh's
+/// health checker or a `grpc-health-probe -watch` needs one or two, and without a bound a client
+/// that keeps opening them grows the process without end.
+pub const MAX_WATCHES: usize = 256;
+
 /// The `grpc.health.v1.Health` service.
 #[derive(Debug)]
 pub struct HealthService {
     phase: watch::Receiver<Phase>,
+    /// `Watch` calls open now (bounded by [`MAX_WATCHES`]).
+    watches: Arc<AtomicUsize>,
+}
+
+impl HealthService {
+    fn new(phase: watch::Receiver<Phase>) -> Self {
+        HealthService { phase, watches: Arc::new(AtomicUsize::new(0)) }
+    }
+}
+
+/// One open `Watch`, given back when its task ends.
+struct WatchPlace(Arc<AtomicUsize>);
+
+impl WatchPlace {
+    fn take(open: &Arc<AtomicUsize>) -> Option<WatchPlace> {
+        if open.fetch_add(1, Ordering::AcqRel) >= MAX_WATCHES {
+            open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(WatchPlace(open.clone()))
+    }
+}
+
+impl Drop for WatchPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
@@ -92,10 +127,14 @@ impl Health for HealthService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<HealthCheckRequest>) -> Result<Response<WatchStream>, Status> {
+        let Some(place) = WatchPlace::take(&self.watches) else {
+            return Err(Status::resource_exhausted(format!("{MAX_WATCHES} health watches are open already")));
+        };
         let known = known(&request.get_ref().service);
         let mut phase = self.phase.clone();
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
+            let _place = place;
             let mut last = None;
             loop {
                 let now = *phase.borrow_and_update();
@@ -142,7 +181,7 @@ mod tests {
     #[tokio::test]
     async fn check_follows_readiness_and_refuses_unknown_services() {
         let (state, server) = HealthState::new();
-        let service = HealthService { phase: state.0.subscribe() };
+        let service = HealthService::new(state.0.subscribe());
         drop(server);
         let status =
             |r: Response<HealthCheckResponse>| ServingStatus::try_from(r.into_inner().status).unwrap();
@@ -164,7 +203,7 @@ mod tests {
     #[tokio::test]
     async fn a_watch_follows_changes_and_ends_at_shutdown() {
         let (state, _server) = HealthState::new();
-        let service = HealthService { phase: state.0.subscribe() };
+        let service = HealthService::new(state.0.subscribe());
         let mut watch = service.watch(request(AUTHZ_SERVICE)).await.unwrap().into_inner();
         assert_eq!(next(&mut watch).await, Some(ServingStatus::NotServing));
         state.set_ready(true);
@@ -175,9 +214,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn watches_are_bounded_and_a_closed_one_gives_its_place_back() {
+        let (state, _server) = HealthState::new();
+        let service = HealthService::new(state.0.subscribe());
+        let mut open = Vec::new();
+        for _ in 0..MAX_WATCHES {
+            let mut watch = service.watch(request("")).await.unwrap().into_inner();
+            assert_eq!(next(&mut watch).await, Some(ServingStatus::NotServing));
+            open.push(watch);
+        }
+        let refused = service.watch(request("")).await.err().expect("one watch past the bound");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        // The watcher goes away: its task sees the channel closed and gives the place back.
+        drop(open.pop());
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut again = loop {
+            match service.watch(request("")).await {
+                Ok(watch) => break watch.into_inner(),
+                Err(_) if tokio::time::Instant::now() < deadline => tokio::task::yield_now().await,
+                Err(e) => panic!("the closed watch's place was never given back: {e:?}"),
+            }
+        };
+        assert_eq!(next(&mut again).await, Some(ServingStatus::NotServing));
+        // Checks are not watches: they are answered whatever the watches.
+        assert!(service.check(request("")).await.is_ok());
+    }
+
+    #[tokio::test]
     async fn a_watch_of_an_unknown_service_says_so_and_stays_open_until_shutdown() {
         let (state, _server) = HealthState::new();
-        let service = HealthService { phase: state.0.subscribe() };
+        let service = HealthService::new(state.0.subscribe());
         let mut watch = service.watch(request("other")).await.unwrap().into_inner();
         assert_eq!(next(&mut watch).await, Some(ServingStatus::ServiceUnknown));
         state.set_ready(true);

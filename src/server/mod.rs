@@ -32,7 +32,7 @@ pub struct State {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Request bytes received and not yet decoded (`grpc::PENDING_REQUEST_BYTES` bounds them).
     pub pending_request_bytes: std::sync::atomic::AtomicUsize,
-    /// Check requests being received (`grpc::RECEIVING_REQUESTS` bounds them).
+    /// Requests being received (`grpc::RECEIVING_REQUESTS` bounds them).
     pub receiving_requests: std::sync::atomic::AtomicUsize,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,

@@ -58,15 +58,15 @@ impl tonic::server::NamedService for AuthorizationService {
 pub const PENDING_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 
 /// Requests being received (their stream open, the request not yet read to its end: a check's
-/// or a health call's), over every connection, at most; one more is refused at once with `RESOURCE_EXHAUSTED`. Each holds
-/// about 10 KiB (HTTP/2 stream, request, decoder buffer) even when it sends nothing after its
-/// headers, so without a bound a client that opens streams and sends no body grows the process
-/// without end (40 000 such streams took it from 26 to 400 MiB). Envoy sends a check's headers
-/// and message together, so its requests are in this state for microseconds: this is the default
-/// `max_in_flight_checks`, about 40 MiB.
+/// or a health call's), over every connection, at most; one more is refused at once with
+/// `RESOURCE_EXHAUSTED`. Each holds about 10 KiB (HTTP/2 stream, request, decoder buffer) even
+/// when it sends nothing after its headers, so without a bound a client that opens streams and
+/// sends no body grows the process without end (40 000 such streams took it from 26 to 400 MiB).
+/// Envoy sends a check's headers and message together, so its requests are in this state for
+/// microseconds: this is the default `max_in_flight_checks`, about 40 MiB.
 pub const RECEIVING_REQUESTS: usize = 4096;
 
-/// How long a check request may take to arrive once its stream is open (counted from the first
+/// How long a request may take to arrive once its stream is open (counted from the first
 /// time its body is not ready, which for a stalled stream is as it opens); then it fails with
 /// `DEADLINE_EXCEEDED` and gives its place back. Envoy's arrive at once; this frees the places
 /// that a stalled or hostile client holds, as the listener closes a connection that has not sent
@@ -130,7 +130,7 @@ where
                 let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(RECEIVE_TIMEOUT)));
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(
-                        "the check request did not arrive in full within 10 s",
+                        "the request did not arrive in full within 10 s",
                     )
                     .into()))),
                     Poll::Pending => Poll::Pending,

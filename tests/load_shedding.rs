@@ -4,12 +4,56 @@
 
 mod common;
 
+use std::convert::Infallible;
 use std::time::Duration;
 
 use common::check::CheckCall;
 use common::directory_server::{Answer, DirectoryServer};
 use common::{Algorithm, ConfigDir, Subguard, TokenBuilder};
+use http_body_util::StreamBody;
+use hyper::body::{Bytes, Frame};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
+use tokio::sync::mpsc;
+
+/// A request body fed through a channel: it ends when the sender is dropped, never while it is kept.
+type Fed = StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+type Sender = hyper::client::conn::http2::SendRequest<Fed>;
+
+/// An HTTP/2 connection of its own to subguard's gRPC listener.
+async fn connect(sg: &Subguard) -> Sender {
+    let tcp = tokio::net::TcpStream::connect(sg.grpc_addr()).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// Starts a gRPC request at `path` whose body is what is sent into the returned feed (after
+/// `first`, if given), and the task that gives its answer's `grpc-status`.
+async fn open_stream(
+    sender: &Sender,
+    path: &str,
+    first: Option<Vec<u8>>,
+) -> (mpsc::Sender<Result<Frame<Bytes>, Infallible>>, tokio::task::JoinHandle<Option<String>>) {
+    let (feed, rx) = mpsc::channel(2);
+    if let Some(first) = first {
+        feed.send(Ok(Frame::data(Bytes::from(first)))).await.unwrap();
+    }
+    let request = hyper::Request::post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .unwrap();
+    let mut sender = sender.clone();
+    let answer = tokio::spawn(async move {
+        let response = sender.send_request(request).await.ok()?;
+        response.headers().get("grpc-status").map(|v| v.to_str().unwrap_or("").to_string())
+    });
+    (feed, answer)
+}
+
+const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
 
 /// A subguard for tenant `acme` with `directory` as its HTTP directory and the given
 /// `max_in_flight_checks`.
@@ -120,38 +164,21 @@ async fn one_connection_carries_checks_up_to_the_limit_at_once() {
 /// at most 64 MiB: past that, a stream's data fails it with `RESOURCE_EXHAUSTED`, and checks go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn request_bytes_pending_across_unfinished_checks_are_bounded() {
-    use http_body_util::StreamBody;
-    use hyper::body::{Bytes, Frame};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-
     let directory = DirectoryServer::start();
     let sg = subguard_with(4096, &directory);
-    let tcp = tokio::net::TcpStream::connect(sg.grpc_addr()).await.unwrap();
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
-    tokio::spawn(connection);
+    let sender = connect(&sg).await;
 
     const MIB: usize = 1024 * 1024;
     const STREAMS: usize = 80;
     let mut feeds = Vec::new();
     let mut answers = Vec::new();
     for _ in 0..STREAMS {
-        let (feed, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(2);
         // A gRPC message announced at 4 MiB - 1, of which 1 MiB is sent, and then nothing.
         let mut first = vec![0u8, 0x00, 0x3f, 0xff, 0xff];
         first.resize(5 + MIB, 0);
-        feed.send(Ok(Frame::data(Bytes::from(first)))).await.unwrap();
+        let (feed, answer) = open_stream(&sender, CHECK, Some(first)).await;
         feeds.push(feed);
-        let request = hyper::Request::post("/envoy.service.auth.v3.Authorization/Check")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
-            .unwrap();
-        let mut sender = sender.clone();
-        answers.push(tokio::spawn(async move {
-            let response = sender.send_request(request).await.ok()?;
-            response.headers().get("grpc-status").map(|v| v.to_str().unwrap_or("").to_string())
-        }));
+        answers.push(answer);
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut refused = 0;
@@ -185,37 +212,20 @@ async fn request_bytes_pending_across_unfinished_checks_are_bounded() {
 /// bound, 40 000 of them took subguard from 26 to 400 MiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_that_never_arrive_are_bounded_and_time_out() {
-    use http_body_util::StreamBody;
-    use hyper::body::{Bytes, Frame};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-
     let directory = DirectoryServer::start();
     let sg = subguard_with(4096, &directory);
     const STREAMS: usize = 4800;
-    const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
     let mut feeds = Vec::new();
     let mut answers = Vec::new();
     let opened = std::time::Instant::now();
     // Three connections open checks, the fourth health checks: both are requests being received.
     for path in [CHECK, CHECK, CHECK, "/grpc.health.v1.Health/Check"] {
-        let tcp = tokio::net::TcpStream::connect(sg.grpc_addr()).await.unwrap();
-        let (sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
-        tokio::spawn(connection);
+        let sender = connect(&sg).await;
         for _ in 0..STREAMS / 4 {
-            // Headers, and a body that never comes (the sender is kept, so the stream stays open).
-            let (feed, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+            // Headers, and a body that never comes (the feed is kept, so the stream stays open).
+            let (feed, answer) = open_stream(&sender, path, None).await;
             feeds.push(feed);
-            let request = hyper::Request::post(path)
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
-                .unwrap();
-            let mut sender = sender.clone();
-            answers.push(tokio::spawn(async move {
-                let response = sender.send_request(request).await.ok()?;
-                response.headers().get("grpc-status").map(|v| v.to_str().unwrap_or("").to_string())
-            }));
+            answers.push(answer);
         }
     }
     tokio::time::sleep(Duration::from_secs(4)).await;

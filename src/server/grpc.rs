@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::State;
 use super::answer::Answer;
+use super::place::Place;
 use super::wire::{self, EnvoyRequest};
 use crate::check::{Policy, RequestView};
 use crate::decision::{Decision, Reason};
@@ -79,6 +80,8 @@ pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// without its end.
 pub struct Budgeted<B> {
     body: B,
+    /// Its place among the [`RECEIVING_REQUESTS`], given back when tonic drops the body.
+    _place: Place<Arc<AtomicUsize>>,
     state: Arc<State>,
     held: usize,
     /// Armed the first time the body is not ready (Envoy's are, and never need it), which for a
@@ -89,11 +92,8 @@ pub struct Budgeted<B> {
 impl<B> Budgeted<B> {
     /// `body` counted as a request being received, or `None` when [`RECEIVING_REQUESTS`] are.
     fn take(body: B, state: &Arc<State>) -> Option<Self> {
-        if state.receiving_requests.fetch_add(1, Ordering::AcqRel) >= RECEIVING_REQUESTS {
-            state.receiving_requests.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Budgeted { body, state: state.clone(), held: 0, timer: None })
+        let place = Place::take(state.receiving_requests.clone(), RECEIVING_REQUESTS)?;
+        Some(Budgeted { body, _place: place, state: state.clone(), held: 0, timer: None })
     }
 }
 
@@ -150,7 +150,6 @@ where
 
 impl<B> Drop for Budgeted<B> {
     fn drop(&mut self) {
-        self.state.receiving_requests.fetch_sub(1, Ordering::AcqRel);
         if self.held > 0 {
             self.state.pending_request_bytes.fetch_sub(self.held, Ordering::Relaxed);
         }
@@ -351,7 +350,8 @@ async fn check(state: &State, req: wire::CheckRequest) -> Result<Answer, Status>
     let started = Instant::now();
     let metrics = &state.metrics;
     let policy = state.policy.load_full();
-    let Some(_slot) = Slot::take(&state.in_flight, policy.config.max_in_flight) else {
+    // One of the `max_in_flight_checks` places, given back when the check ends or is cancelled.
+    let Some(_place) = Place::take(&state.in_flight, policy.config.max_in_flight) else {
         metrics.check_shed();
         tracing::warn!(limit = policy.config.max_in_flight, "overloaded: check refused at once");
         return Err(Status::resource_exhausted("subguard is overloaded: too many checks in flight"));
@@ -381,25 +381,6 @@ async fn check(state: &State, req: wire::CheckRequest) -> Result<Answer, Status>
     }
     span.in_scope(|| metrics.check_finished(&decision, request_id, started.elapsed()));
     Ok(Answer::new(decision, &policy, request_id))
-}
-
-/// One of the `max_in_flight_checks` places; given back when dropped (also on cancellation).
-struct Slot<'a>(&'a AtomicUsize);
-
-impl<'a> Slot<'a> {
-    fn take(counter: &'a AtomicUsize, limit: usize) -> Option<Slot<'a>> {
-        if counter.fetch_add(1, Ordering::AcqRel) >= limit {
-            counter.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Slot(counter))
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well-formed and not
@@ -509,22 +490,6 @@ mod tests {
         assert_eq!(service_of("envoy.service.auth.v3.Authorization/Check"), None);
         assert_eq!(service_of("/"), None);
         assert_eq!(service_of("//Check"), Some(""));
-    }
-
-    #[test]
-    fn slots_are_limited_and_given_back() {
-        use super::Slot;
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let n = AtomicUsize::new(0);
-        let a = Slot::take(&n, 2).unwrap();
-        let b = Slot::take(&n, 2).unwrap();
-        assert!(Slot::take(&n, 2).is_none());
-        assert_eq!(n.load(Ordering::SeqCst), 2);
-        drop(a);
-        let c = Slot::take(&n, 2);
-        assert!(c.is_some());
-        drop((b, c));
-        assert_eq!(n.load(Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
@@ -20,6 +20,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use super::AUTHZ_SERVICE;
+use super::place::Place;
 
 /// Where the process is, as health reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,25 +91,6 @@ impl HealthService {
     }
 }
 
-/// One open `Watch`, given back when its task ends.
-struct WatchPlace(Arc<AtomicUsize>);
-
-impl WatchPlace {
-    fn take(open: &Arc<AtomicUsize>) -> Option<WatchPlace> {
-        if open.fetch_add(1, Ordering::AcqRel) >= MAX_WATCHES {
-            open.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(WatchPlace(open.clone()))
-    }
-}
-
-impl Drop for WatchPlace {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -127,7 +109,8 @@ impl Health for HealthService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<HealthCheckRequest>) -> Result<Response<WatchStream>, Status> {
-        let Some(place) = WatchPlace::take(&self.watches) else {
+        // Held by the watch's task, given back when it ends.
+        let Some(place) = Place::take(self.watches.clone(), MAX_WATCHES) else {
             return Err(Status::resource_exhausted(format!("{MAX_WATCHES} health watches are open already")));
         };
         let known = known(&request.get_ref().service);

@@ -9,6 +9,7 @@ pub mod answer;
 pub mod grpc;
 pub mod health;
 pub mod listen;
+pub mod place;
 pub mod reload;
 pub mod wire;
 
@@ -33,7 +34,7 @@ pub struct State {
     /// Request bytes received and not yet decoded (`grpc::PENDING_REQUEST_BYTES` bounds them).
     pub pending_request_bytes: std::sync::atomic::AtomicUsize,
     /// Requests being received (`grpc::RECEIVING_REQUESTS` bounds them).
-    pub receiving_requests: std::sync::atomic::AtomicUsize,
+    pub receiving_requests: Arc<std::sync::atomic::AtomicUsize>,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     shutting_down: AtomicBool,
@@ -45,7 +46,7 @@ impl State {
             policy: ArcSwap::from_pointee(policy),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             pending_request_bytes: std::sync::atomic::AtomicUsize::new(0),
-            receiving_requests: std::sync::atomic::AtomicUsize::new(0),
+            receiving_requests: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             metrics,
             registry,
             shutting_down: AtomicBool::new(false),

@@ -29,6 +29,18 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// The fixture's response, after the answer's delay.
+    async fn send(self) -> FixtureResponse {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        FixtureResponse {
+            status: self.status,
+            headers: vec![("content-type".into(), self.content_type.into())],
+            body: self.body.into_bytes(),
+        }
+    }
+
     /// 200 with this user document (`{"id"?, "roles"?, "disabled"?, "tokens_valid_after"?}`).
     pub fn user(doc: Value) -> Self {
         Answer { status: 200, body: doc.to_string(), content_type: "application/json", delay: Duration::ZERO }
@@ -101,14 +113,7 @@ impl DirectoryServer {
                             _ => Answer::status(400),
                         }
                     };
-                    if !answer.delay.is_zero() {
-                        tokio::time::sleep(answer.delay).await;
-                    }
-                    FixtureResponse {
-                        status: answer.status,
-                        headers: vec![("content-type".into(), answer.content_type.into())],
-                        body: answer.body.into_bytes(),
-                    }
+                    answer.send().await
                 })
             })
         };
@@ -223,14 +228,7 @@ impl ScimServer {
                         s.received.push(req.clone());
                         scim_answer(&s, &req)
                     };
-                    if !answer.delay.is_zero() {
-                        tokio::time::sleep(answer.delay).await;
-                    }
-                    FixtureResponse {
-                        status: answer.status,
-                        headers: vec![("content-type".into(), answer.content_type.into())],
-                        body: answer.body.into_bytes(),
-                    }
+                    answer.send().await
                 })
             })
         };

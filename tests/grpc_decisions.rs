@@ -909,6 +909,76 @@ async fn order_disabled_before_revoked() {
     assert_deny(&ask_acme(&token).await, "user_disabled", 403, Some("acme"));
 }
 
+/// Every combination of the token's own faults (issuer, algorithm, key, signature, exp, nbf,
+/// audience), each with every kind of subject: the answer is the first failing check in SPEC §3's
+/// order, whatever else is wrong with the token, and only a token with no fault is allowed.
+#[tokio::test]
+async fn every_combination_of_faults_is_answered_by_the_first_in_order() {
+    const FAULTS: [&str; 7] = [
+        "untrusted_issuer",
+        "unsupported_algorithm",
+        "unknown_key",
+        "invalid_signature",
+        "token_expired",
+        "token_not_yet_valid",
+        "invalid_audience",
+    ];
+    // (sub, iat seconds ago, the answer when the token itself has no fault)
+    let subjects: [(Option<&str>, i64, &str); 6] = [
+        (Some(ADMIN_SUB), 10, "ok"),
+        (None, 10, "missing_subject"),
+        (Some("ghost"), 10, "user_not_found"),
+        (Some(DISABLED_SUB), 10, "user_disabled"),
+        (Some(REVOKED_SUB), 2000, "token_revoked"),
+        (Some(GONE_SUB), 2000, "user_disabled"),
+    ];
+    let mut client = shared().client().await;
+    let mut mismatches = Vec::new();
+    for faults in 0u32..1 << FAULTS.len() {
+        let has = |i: usize| faults & (1 << i) != 0;
+        for (sub, iat_ago, clean) in subjects {
+            let kid = if has(2) { "no-such-key" } else { "rsa-1" };
+            let alg = if has(1) { Algorithm::RS384 } else { Algorithm::RS256 };
+            // A key the issuer has not got signs the token with the signature fault.
+            let key = if has(3) { "rsa-2" } else { "rsa-1" };
+            let mut token = acme(kid, alg).signed_by(key).iat_ago(iat_ago);
+            token = match sub {
+                Some(sub) => token.sub(sub),
+                None => token.without("sub"),
+            };
+            if has(0) {
+                token = token.iss("https://idp.globex.test/");
+            }
+            if has(4) {
+                token = token.exp_in(-3600);
+            }
+            if has(5) {
+                token = token.nbf(3600);
+            }
+            if has(6) {
+                token = token.aud("billing");
+            }
+            let token = token.build();
+            let out = client.call(&CheckCall::new().tenant("acme").bearer(&token)).await;
+            let expected = (0..FAULTS.len()).find(|&i| has(i)).map_or(clean, |i| FAULTS[i]);
+            if out.meta("reason") != Some(expected) || out.allowed != (expected == "ok") {
+                let named: Vec<_> = (0..FAULTS.len()).filter(|&i| has(i)).map(|i| FAULTS[i]).collect();
+                mismatches.push(format!(
+                    "faults {named:?}, sub {sub:?}: expected {expected}, got {:?} (allowed: {})",
+                    out.meta("reason"),
+                    out.allowed
+                ));
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of 768 answers out of order:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Whole-process properties.
 

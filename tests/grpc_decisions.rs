@@ -450,6 +450,56 @@ async fn missing_tenant_when_the_tenant_header_is_repeated() {
     assert_deny(&out, "missing_tenant", 400, None);
 }
 
+/// Every combination of the three tenant sources (header, host, route), each absent, not a DNS
+/// label, acme in either case, globex or an unknown tenant, with acme's token: a value that is not
+/// a label counts as no tenant, the others must all name one tenant, and that tenant decides.
+#[tokio::test]
+async fn every_combination_of_tenant_sources_follows_the_rule() {
+    let values = [None, Some("bad_label"), Some("acme"), Some("ACME"), Some("globex"), Some("nope")];
+    let token = acme_rs256().build();
+    let mut client = shared().client().await;
+    let mut wrong = Vec::new();
+    for header in values {
+        for host in values {
+            for route in values {
+                let mut call = CheckCall::new().bearer(&token);
+                if let Some(v) = header {
+                    call = call.tenant(v);
+                }
+                if let Some(v) = host {
+                    call = call.host(&format!("{v}.api.example.com"));
+                }
+                if let Some(v) = route {
+                    call = call.route_tenant(v);
+                }
+                let mut named: Vec<String> = [header, host, route]
+                    .into_iter()
+                    .flatten()
+                    .filter(|v| *v != "bad_label")
+                    .map(str::to_ascii_lowercase)
+                    .collect();
+                named.sort();
+                named.dedup();
+                let expected = match named.as_slice() {
+                    [] => "missing_tenant",
+                    [one] if one == "acme" => "ok",
+                    [one] if one == "globex" => "untrusted_issuer",
+                    [_] => "unknown_tenant",
+                    _ => "tenant_mismatch",
+                };
+                let out = client.call(&call).await;
+                if out.meta("reason") != Some(expected) || out.allowed != (expected == "ok") {
+                    wrong.push(format!(
+                        "header {header:?}, host {host:?}, route {route:?}: expected {expected}, got {:?}",
+                        out.meta("reason")
+                    ));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{} of 216 answers wrong:\n{}", wrong.len(), wrong.join("\n"));
+}
+
 #[tokio::test]
 async fn unknown_tenant_is_404() {
     let token = acme_rs256().build();

@@ -753,6 +753,13 @@ async fn unsupported_algorithm_when_alg_does_not_fit_the_keys_type() {
     // EdDSA is allowed, but kid ec-256 is not an Ed25519 key.
     let token = acme("ec-256", Algorithm::EdDSA).signed_by("ed-1").build();
     assert_acme_401(&ask_acme(&token).await, "unsupported_algorithm", &token);
+    // The deny's log line says which key the kid named and why it cannot verify.
+    for detail in [
+        r#"kid \"rsa-1\" is an RSA key, which cannot verify ES256"#,
+        r#"kid \"ec-256\" is an EC P-256 key, which cannot verify EdDSA"#,
+    ] {
+        assert!(!shared().logged(detail).is_empty(), "no deny logged with {detail}");
+    }
 }
 
 #[tokio::test]

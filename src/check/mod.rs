@@ -788,7 +788,7 @@ async fn verify_signature(
             });
             return Err(Reason::KeysUnavailable);
         };
-        match keys.find(kid, alg) {
+        let refusal = match keys.find(kid, alg) {
             KeyMatch::Candidates(candidates) => {
                 note(&mut trace, || {
                     let kinds: Vec<&str> = candidates.iter().map(|k| k.kind.name()).collect();
@@ -819,28 +819,16 @@ async fn verify_signature(
                 });
                 return Err(Reason::InvalidSignature);
             }
-            found @ (KeyMatch::WrongType(_) | KeyMatch::Unusable(_)) => {
-                let kid_shown = clip(kid.unwrap_or_default());
-                d.detail = Some(match found {
-                    KeyMatch::WrongType(key) => {
-                        format!("kid {kid_shown:?} is a {} key, which cannot verify {alg:?}", key.kind.name())
-                    }
-                    KeyMatch::Unusable(why) => {
-                        format!("kid {kid_shown:?} names a key subguard does not verify with: {why}")
-                    }
-                    _ => String::new(),
-                });
-                note(&mut trace, || {
-                    key_step(
-                        issuer,
-                        Some(keys),
-                        kid,
-                        refetched,
-                        Status::Fail,
-                        d.detail.clone().unwrap_or_default(),
-                    )
-                });
-                return Err(Reason::UnsupportedAlgorithm);
+            KeyMatch::WrongType(key) => format!(
+                "kid {:?} is an {} key, which cannot verify {alg:?}",
+                clip(kid.unwrap_or_default()),
+                key.kind.name()
+            ),
+            KeyMatch::Unusable(why) => {
+                format!(
+                    "kid {:?} names a key subguard does not verify with: {why}",
+                    clip(kid.unwrap_or_default())
+                )
             }
             KeyMatch::NotFound => {
                 if !refetched && issuer.keys.refetch_on_miss(Some(keys)).await {
@@ -860,7 +848,11 @@ async fn verify_signature(
                 });
                 return Err(Reason::UnknownKey);
             }
-        }
+        };
+        // A key with this kid exists but cannot verify this alg (the algorithm's second check).
+        note(&mut trace, || key_step(issuer, Some(keys), kid, refetched, Status::Fail, refusal.clone()));
+        d.detail = Some(refusal);
+        return Err(Reason::UnsupportedAlgorithm);
     }
 }
 

@@ -353,7 +353,7 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
     if let Some(a) = alg
         && !kind.fits(a)
     {
-        return Err(format!("alg {a:?} does not fit a {} key", kind.name()));
+        return Err(format!("alg {a:?} does not fit an {} key", kind.name()));
     }
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     match &jwk.kid {

@@ -24,10 +24,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::directory_server::{Answer, DirectoryServer};
-use common::envoy::{Envoy, EnvoyBuilder, shipped_config};
+use common::envoy::{Envoy, EnvoyBuilder, Reply, shipped_config};
 use common::http_fixture::FixtureRequest;
 use common::{Algorithm, Subguard, TokenBuilder, Upstream};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const ISS: &str = "https://idp.acme.test/";
 const SHIPPED: &str = "subguard-sidecar-tcp.yaml";
@@ -105,39 +105,13 @@ fn bearer(sub: &str) -> String {
     format!("Bearer {token}")
 }
 
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-}
-
 /// `GET path` through Envoy as tenant acme with `sub`'s token, marked for the application's log.
 async fn get_as(envoy: &Envoy, sub: &str, marker: &str, extra: &[(&str, &str)]) -> Reply {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-    let mut req = client
-        .get(envoy.url("/orders/1"))
-        .header("x-tenant-id", "acme")
-        .header("authorization", bearer(sub))
-        .header("x-test-marker", marker);
-    for (k, v) in extra {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.unwrap_or_else(|e| panic!("GET through envoy: {e}"));
-    Reply {
-        status: resp.status().as_u16(),
-        headers: resp.headers().clone(),
-        body: resp.text().await.unwrap(),
-    }
+    let bearer = bearer(sub);
+    let mut headers =
+        vec![("x-tenant-id", "acme"), ("authorization", bearer.as_str()), ("x-test-marker", marker)];
+    headers.extend_from_slice(extra);
+    envoy.get("/orders/1", &headers).await
 }
 
 fn upstream_saw(upstream: &Upstream, marker: &str) -> Option<FixtureRequest> {

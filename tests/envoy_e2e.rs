@@ -14,7 +14,6 @@ use std::sync::OnceLock;
 
 use common::envoy::{Envoy, shipped_config};
 use common::{Algorithm, Subguard, TokenBuilder, Upstream};
-use serde_json::Value;
 
 const ISS: &str = "https://idp.acme.test/";
 const ADMIN_SUB: &str = "5b7e0a52-0e6f-4c1e-9d1a-0c2f3e4d5a6b";
@@ -85,36 +84,6 @@ fn token(sub: &str) -> String {
     TokenBuilder::new("rsa-1", Algorithm::RS256).iss(ISS).aud("orders").sub(sub).build()
 }
 
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-}
-
-async fn get(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build().unwrap();
-    let mut req = client.get(envoy.url(path));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.unwrap_or_else(|e| panic!("GET {path} through envoy: {e}"));
-    Reply {
-        status: resp.status().as_u16(),
-        headers: resp.headers().clone(),
-        body: resp.text().await.unwrap(),
-    }
-}
-
 /// The application's view of the one request that carries `marker` in `x-test-marker`.
 fn upstream_saw(upstream: &Upstream, marker: &str) -> Option<common::http_fixture::FixtureRequest> {
     upstream.requests().into_iter().find(|r| r.header("x-test-marker") == Some(marker))
@@ -125,18 +94,19 @@ async fn allowed_request_reaches_the_app_with_the_identity_subguard_chose() {
     let s = shared();
     let bearer = format!("Bearer {}", token(ADMIN_SUB));
     // The client tries to pass its own identity headers.
-    let reply = get(
-        &s.envoy,
-        "/orders/1",
-        &[
-            ("x-tenant-id", "acme"),
-            ("authorization", &bearer),
-            ("x-user-id", "root"),
-            ("x-user-roles", "superuser"),
-            ("x-test-marker", "allow-1"),
-        ],
-    )
-    .await;
+    let reply = s
+        .envoy
+        .get(
+            "/orders/1",
+            &[
+                ("x-tenant-id", "acme"),
+                ("authorization", &bearer),
+                ("x-user-id", "root"),
+                ("x-user-roles", "superuser"),
+                ("x-test-marker", "allow-1"),
+            ],
+        )
+        .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let seen = upstream_saw(&s.upstream, "allow-1").expect("the app got the request");
     let values = |name: &str| -> Vec<String> {
@@ -152,17 +122,18 @@ async fn allowed_request_reaches_the_app_with_the_identity_subguard_chose() {
 async fn a_user_without_roles_never_gets_the_clients_roles_header() {
     let s = shared();
     let bearer = format!("Bearer {}", token("plain-user"));
-    let reply = get(
-        &s.envoy,
-        "/orders/2",
-        &[
-            ("x-tenant-id", "acme"),
-            ("authorization", &bearer),
-            ("x-user-roles", "admin"),
-            ("x-test-marker", "noroles"),
-        ],
-    )
-    .await;
+    let reply = s
+        .envoy
+        .get(
+            "/orders/2",
+            &[
+                ("x-tenant-id", "acme"),
+                ("authorization", &bearer),
+                ("x-user-roles", "admin"),
+                ("x-test-marker", "noroles"),
+            ],
+        )
+        .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let seen = upstream_saw(&s.upstream, "noroles").expect("the app got the request");
     assert_eq!(seen.header("x-user-id"), Some("plain-user"));
@@ -173,12 +144,13 @@ async fn a_user_without_roles_never_gets_the_clients_roles_header() {
 async fn tenant_from_the_host_header() {
     let s = shared();
     let bearer = format!("Bearer {}", token(ADMIN_SUB));
-    let reply = get(
-        &s.envoy,
-        "/orders/3",
-        &[("host", "acme.api.example.com"), ("authorization", &bearer), ("x-test-marker", "host-1")],
-    )
-    .await;
+    let reply = s
+        .envoy
+        .get(
+            "/orders/3",
+            &[("host", "acme.api.example.com"), ("authorization", &bearer), ("x-test-marker", "host-1")],
+        )
+        .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let seen = upstream_saw(&s.upstream, "host-1").unwrap();
     assert_eq!(seen.header("x-tenant-id"), Some("acme"));
@@ -187,12 +159,13 @@ async fn tenant_from_the_host_header() {
 #[tokio::test]
 async fn denied_request_gets_subguards_status_headers_and_body_and_never_reaches_the_app() {
     let s = shared();
-    let reply = get(
-        &s.envoy,
-        "/orders/4",
-        &[("x-tenant-id", "acme"), ("x-request-id", "e2e-req-1"), ("x-test-marker", "deny-1")],
-    )
-    .await;
+    let reply = s
+        .envoy
+        .get(
+            "/orders/4",
+            &[("x-tenant-id", "acme"), ("x-request-id", "e2e-req-1"), ("x-test-marker", "deny-1")],
+        )
+        .await;
     assert_eq!(reply.status, 401, "{}", reply.body);
     assert_eq!(reply.header("x-subguard-reason"), Some("missing_token"));
     assert_eq!(reply.header("www-authenticate"), Some(r#"Bearer realm="acme""#));
@@ -211,13 +184,13 @@ async fn denied_request_gets_subguards_status_headers_and_body_and_never_reaches
         .sub(ADMIN_SUB)
         .build();
     let bearer = format!("Bearer {forged}");
-    let reply = get(&s.envoy, "/orders/5", &[("x-tenant-id", "acme"), ("authorization", &bearer)]).await;
+    let reply = s.envoy.get("/orders/5", &[("x-tenant-id", "acme"), ("authorization", &bearer)]).await;
     assert_eq!(reply.status, 401);
     assert_eq!(reply.header("x-subguard-reason"), Some("invalid_signature"));
     assert!(!reply.body.contains(&forged));
 
     let reply =
-        get(&s.envoy, "/orders/6", &[("x-tenant-id", "acme"), ("host", "globex.api.example.com")]).await;
+        s.envoy.get("/orders/6", &[("x-tenant-id", "acme"), ("host", "globex.api.example.com")]).await;
     assert_eq!(reply.status, 403);
     assert_eq!(reply.header("x-subguard-reason"), Some("tenant_mismatch"));
 }
@@ -225,7 +198,7 @@ async fn denied_request_gets_subguards_status_headers_and_body_and_never_reaches
 #[tokio::test]
 async fn envoy_generated_request_id_is_echoed_in_the_deny_body() {
     let s = shared();
-    let reply = get(&s.envoy, "/orders/7", &[("x-tenant-id", "acme")]).await;
+    let reply = s.envoy.get("/orders/7", &[("x-tenant-id", "acme")]).await;
     assert_eq!(reply.status, 401);
     // generate_request_id is on: subguard sees Envoy's x-request-id.
     let id = reply.json()["request_id"].clone();
@@ -237,12 +210,12 @@ async fn access_log_shows_subguards_decision_from_dynamic_metadata() {
     let s = shared();
     let marker_path = "/access-log-probe";
     let bearer = format!("Bearer {}", token("ghost"));
-    let reply = get(&s.envoy, marker_path, &[("x-tenant-id", "acme"), ("authorization", &bearer)]).await;
+    let reply = s.envoy.get(marker_path, &[("x-tenant-id", "acme"), ("authorization", &bearer)]).await;
     assert_eq!(reply.status, 403);
     assert_eq!(reply.header("x-subguard-reason"), Some("user_not_found"));
     let allowed = format!("Bearer {}", token(ADMIN_SUB));
     let reply =
-        get(&s.envoy, "/access-log-probe-ok", &[("x-tenant-id", "acme"), ("authorization", &allowed)]).await;
+        s.envoy.get("/access-log-probe-ok", &[("x-tenant-id", "acme"), ("authorization", &allowed)]).await;
     assert_eq!(reply.status, 200);
 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -267,7 +240,7 @@ async fn access_log_shows_subguards_decision_from_dynamic_metadata() {
 #[tokio::test]
 async fn healthz_route_bypasses_the_check() {
     let s = shared();
-    let reply = get(&s.envoy, "/healthz", &[("x-test-marker", "probe")]).await;
+    let reply = s.envoy.get("/healthz", &[("x-test-marker", "probe")]).await;
     assert_eq!(reply.status, 200);
     assert!(upstream_saw(&s.upstream, "probe").is_some());
 }
@@ -276,16 +249,14 @@ async fn healthz_route_bypasses_the_check() {
 async fn envoy_fails_closed_when_subguard_is_gone() {
     let mut stack = start_stack();
     let bearer = format!("Bearer {}", token(ADMIN_SUB));
-    let reply = get(&stack.envoy, "/orders/8", &[("x-tenant-id", "acme"), ("authorization", &bearer)]).await;
+    let reply = stack.envoy.get("/orders/8", &[("x-tenant-id", "acme"), ("authorization", &bearer)]).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
 
     stack.subguard.kill();
-    let reply = get(
-        &stack.envoy,
-        "/orders/9",
-        &[("x-tenant-id", "acme"), ("authorization", &bearer), ("x-test-marker", "down")],
-    )
-    .await;
+    let reply = stack
+        .envoy
+        .get("/orders/9", &[("x-tenant-id", "acme"), ("authorization", &bearer), ("x-test-marker", "down")])
+        .await;
     assert_eq!(reply.status, 503, "status_on_error: {}", reply.body);
     assert!(upstream_saw(&stack.upstream, "down").is_none(), "fail closed: nothing reaches the app");
 }

@@ -8,9 +8,7 @@
 
 mod common;
 
-use std::collections::HashMap;
-
-use common::envoy::{EnvoyBuilder, shipped_config};
+use common::envoy::{Envoy, EnvoyBuilder, Reply, shipped_config};
 use common::{Algorithm, ConfigDir, Subguard, TokenBuilder, Upstream, free_port};
 use serde_json::Value;
 
@@ -66,7 +64,6 @@ struct Stack {
     subguard: Subguard,
     upstream: Upstream,
     envoy: common::envoy::Envoy,
-    http: reqwest::Client,
 }
 
 impl Stack {
@@ -79,44 +76,19 @@ impl Stack {
             .upstream_port(upstream.port())
             .subguard_port(subguard.grpc_addr().port())
             .start();
-        Stack { subguard, upstream, envoy, http: reqwest::Client::new() }
+        Stack { subguard, upstream, envoy }
     }
 
     async fn get(&self, host: &str, headers: &[(&str, &str)]) -> Reply {
-        get(&self.http, &self.envoy.url("/orders"), host, headers).await
+        get(&self.envoy, "/orders", host, headers).await
     }
 }
 
-struct Reply {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
-    }
-}
-
-async fn get(http: &reqwest::Client, url: &str, host: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut req = http.get(url).header("host", host);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.expect("request through envoy");
-    let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-        .collect();
-    let body = resp.text().await.unwrap_or_default();
-    Reply { status, headers, body }
+/// `GET path` through `envoy` to `host` with `headers`.
+async fn get(envoy: &Envoy, path: &str, host: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut all = vec![("host", host)];
+    all.extend_from_slice(headers);
+    envoy.get(path, &all).await
 }
 
 /// A GET with the path sent exactly as given (HTTP clients normalise `..` away before sending).
@@ -258,7 +230,7 @@ async fn through_envoy_allow_and_deny_as_the_spec_says() {
     assert_eq!(stack.upstream.requests().len(), 2);
 
     // /healthz bypasses ext_authz by route, so probes need no token.
-    let r = get(&stack.http, &stack.envoy.url("/healthz"), "localhost", &[]).await;
+    let r = get(&stack.envoy, "/healthz", "localhost", &[]).await;
     assert_eq!(r.status, 200);
     assert!(r.header("x-subguard-reason").is_none());
 
@@ -291,17 +263,20 @@ async fn through_envoy_over_the_unix_socket_config() {
         .upstream_port(upstream.port())
         .replace("path: /run/subguard/authz.sock", &format!("path: {}", socket.display()))
         .start();
-    let http = reqwest::Client::new();
-    let url = envoy.url("/orders");
 
     let r =
-        get(&http, &url, "acme.api.example.com", &[("authorization", &bearer(&acme_token("alice")))]).await;
+        get(&envoy, "/orders", "acme.api.example.com", &[("authorization", &bearer(&acme_token("alice")))])
+            .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["x-user-id"], "u-1001");
 
-    let r =
-        get(&http, &url, "ACME.api.example.com:8443", &[("authorization", &bearer(&acme_token("ghost")))])
-            .await;
+    let r = get(
+        &envoy,
+        "/orders",
+        "ACME.api.example.com:8443",
+        &[("authorization", &bearer(&acme_token("ghost")))],
+    )
+    .await;
     assert_eq!((r.status, r.header("x-subguard-reason")), (403, Some("user_not_found")));
     drop(subguard);
 }

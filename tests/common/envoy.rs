@@ -210,6 +210,40 @@ impl Envoy {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// `GET path` through Envoy's listener with `headers` (a `host` among them is the request's
+    /// authority), answered within 10 s.
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+        let mut req = client.get(self.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("GET {path} through envoy: {e}"));
+        Reply {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.text().await.unwrap_or_else(|e| panic!("GET {path} through envoy: body: {e}")),
+        }
+    }
+}
+
+/// What a client got back through Envoy.
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    /// The first value of `name`, if it is text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
 }
 
 impl Drop for Envoy {

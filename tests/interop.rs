@@ -1,0 +1,126 @@
+//! Tokens and keys made by another library, through the real Envoy: PyJWT with `cryptography`
+//! (`tests/interop/pyjwt_mint.py`, run with the project's `.venv` python) makes a fresh key for
+//! every algorithm subguard verifies, publishes them as a JWKS the way PyJWT exports keys, and
+//! mints the tokens. The rest of the suite mints with the Rust `jsonwebtoken` crate, whose
+//! backend subguard's verification shares; this file is where an encoding both might get wrong
+//! the same way (an ECDSA signature's form, PSS parameters, a JWK member) would show.
+//!
+//! Python comes from `$SUBGUARD_PYTHON`, else `<repo>/.venv/bin/python` (`make venv`, which pins
+//! PyJWT and cryptography in requirements-dev.txt); without it the test fails saying so.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::envoy::{Envoy, shipped_config};
+use common::{ConfigDir, Subguard, Upstream};
+use serde_json::Value;
+
+const ISSUER: &str = "https://idp.pyjwt.test/";
+const SUB: &str = "py-user";
+
+const CONFIG: &str = r#"
+listen:
+  grpc: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+tenant:
+  header: x-tenant-id
+directory:
+  kind: file
+  path: users.yaml
+forward:
+  tenant_header: x-tenant-id
+  user_header: x-user-id
+  roles_header: x-user-roles
+tenants:
+  acme:
+    issuers:
+      - issuer: "https://idp.pyjwt.test/"
+        audiences: ["orders"]
+        algorithms: ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+        jwks_file: keys/pyjwt.jwks.json
+"#;
+
+const USERS: &str = r#"
+acme:
+  - sub: py-user
+    id: u-py
+    roles: [reader]
+"#;
+
+fn python() -> PathBuf {
+    let python = std::env::var_os("SUBGUARD_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} not found: run `make venv` (it installs PyJWT and cryptography from requirements-dev.txt), \
+         or set SUBGUARD_PYTHON to a python that has them",
+        python.display()
+    );
+    python
+}
+
+/// The JWKS and the cases `pyjwt_mint.py` made.
+fn mint() -> (Value, Vec<(String, String, String)>) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/pyjwt_mint.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .args([ISSUER, "orders", SUB])
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(out.status.success(), "{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr));
+    let made: Value = serde_json::from_slice(&out.stdout).expect("pyjwt_mint.py prints JSON");
+    let cases = made["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| {
+            let text = |k: &str| t[k].as_str().unwrap_or_else(|| panic!("{k} in {t}")).to_string();
+            (text("case"), text("token"), text("expect"))
+        })
+        .collect();
+    (made["jwks"].clone(), cases)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_minted_by_pyjwt_for_every_algorithm_are_verified_through_envoy() {
+    let (jwks, cases) = mint();
+    assert_eq!(cases.len(), 9 * 4, "four cases for each of the nine algorithms");
+    let dir = ConfigDir::with(CONFIG, USERS);
+    dir.write("keys/pyjwt.jwks.json", &jwks.to_string());
+    let subguard = Subguard::start_in(dir);
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(
+        shipped_config("subguard-sidecar-tcp.yaml"),
+        upstream.port(),
+        subguard.grpc_addr().port(),
+    );
+
+    let mut wrong = Vec::new();
+    for (i, (case, token, expect)) in cases.iter().enumerate() {
+        let marker = format!("interop-{i}");
+        let bearer = format!("Bearer {token}");
+        let reply = envoy
+            .get(
+                "/orders",
+                &[("x-tenant-id", "acme"), ("authorization", &bearer), ("x-test-marker", &marker)],
+            )
+            .await;
+        let seen =
+            upstream.requests().into_iter().find(|r| r.header("x-test-marker") == Some(marker.as_str()));
+        let got = match (reply.status, reply.header("x-subguard-reason")) {
+            (200, None) => match seen.as_ref().and_then(|r| r.header("x-user-id")) {
+                Some("u-py") => "ok".to_string(),
+                other => format!("200 but the application saw x-user-id {other:?}"),
+            },
+            (status, reason) => format!("{} ({status})", reason.unwrap_or("no reason header")),
+        };
+        let matches = got == *expect || got.split(' ').next() == Some(expect.as_str());
+        if !matches || (expect != "ok" && seen.is_some()) {
+            wrong.push(format!("{case}: expected {expect}, got {got}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{} of {} PyJWT cases wrong:\n{}", wrong.len(), cases.len(), wrong.join("\n"));
+}

@@ -20,19 +20,11 @@ use serde_json::Value;
 const ISSUER: &str = "https://idp.pyjwt.test/";
 const SUB: &str = "py-user";
 
+/// `forward` keeps its defaults: `x-tenant-id`, `x-user-id`, `x-user-roles`.
 const CONFIG: &str = r#"
-listen:
-  grpc: "127.0.0.1:0"
-  admin: "127.0.0.1:0"
-tenant:
-  header: x-tenant-id
-directory:
-  kind: file
-  path: users.yaml
-forward:
-  tenant_header: x-tenant-id
-  user_header: x-user-id
-  roles_header: x-user-roles
+listen: { grpc: "127.0.0.1:0", admin: "127.0.0.1:0" }
+tenant: { header: x-tenant-id }
+directory: { kind: file, path: users.yaml }
 tenants:
   acme:
     issuers:

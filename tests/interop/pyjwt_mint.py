@@ -4,7 +4,8 @@ Run by tests/interop.rs with the project's .venv python. Prints one JSON object:
   {"jwks": {...}, "tokens": [{"case": "...", "token": "...", "expect": "<reason or ok>"}, ...]}
 
 Every algorithm subguard verifies gets its own fresh key, published the way PyJWT exports it
-(`to_jwk`), with `kid`, `use` and `alg` added as IdPs do. Cases per algorithm: a valid token
+(`to_jwk`) with a `kid`; the RS* and ES* keys also get `use` and `alg`, as most IdPs publish
+them, the PS* and EdDSA keys stay as PyJWT made them. Cases per algorithm: a valid token
 with a kid, the same without a kid, its claims altered under the original signature, and signed
 by a key of the same type that the JWKS does not have (same kid). Usage: pyjwt_mint.py ISSUER AUD SUB
 """
@@ -49,7 +50,9 @@ def main() -> None:
         kid = f"pyjwt-{alg.lower()}"
         private = generate()
         jwk = algorithm.to_jwk(private.public_key(), as_dict=True)
-        jwk.update({"kid": kid, "use": "sig", "alg": alg})
+        jwk["kid"] = kid
+        if alg.startswith(("RS", "ES")):
+            jwk.update({"use": "sig", "alg": alg})
         keys.append(jwk)
 
         signed = jwt.encode(claims, private, algorithm=alg, headers={"kid": kid})

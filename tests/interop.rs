@@ -79,7 +79,7 @@ fn mint() -> (Value, Vec<(String, String, String)>) {
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_minted_by_pyjwt_for_every_algorithm_are_verified_through_envoy() {
     let (jwks, cases) = mint();
-    assert_eq!(cases.len(), 9 * 4, "four cases for each of the nine algorithms");
+    assert_eq!(cases.len(), 9 * 4 + 4, "four cases for each of the nine algorithms, four claim shapes");
     let dir = ConfigDir::with(CONFIG, USERS);
     dir.write("keys/pyjwt.jwks.json", &jwks.to_string());
     let subguard = Subguard::start_in(dir);

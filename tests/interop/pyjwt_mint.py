@@ -7,7 +7,8 @@ Every algorithm subguard verifies gets its own fresh key, published the way PyJW
 (`to_jwk`) with a `kid`; the RS* and ES* keys also get `use` and `alg`, as most IdPs publish
 them, the PS* and EdDSA keys stay as PyJWT made them. Cases per algorithm: a valid token
 with a kid, the same without a kid, its claims altered under the original signature, and signed
-by a key of the same type that the JWKS does not have (same kid). Usage: pyjwt_mint.py ISSUER AUD SUB
+by a key of the same type that the JWKS does not have (same kid); and four claim shapes (below).
+Usage: pyjwt_mint.py ISSUER AUD SUB
 """
 
 import base64
@@ -45,7 +46,7 @@ def main() -> None:
     issuer, audience, sub = sys.argv[1:4]
     now = int(time.time())
     claims = {"iss": issuer, "aud": [audience, "other"], "sub": sub, "iat": now, "nbf": now, "exp": now + 600}
-    keys, tokens = [], []
+    keys, tokens, privates = [], [], {}
     for alg, (generate, algorithm) in ALGORITHMS.items():
         kid = f"pyjwt-{alg.lower()}"
         private = generate()
@@ -67,6 +68,20 @@ def main() -> None:
         )
         stranger = jwt.encode(claims, generate(), algorithm=alg, headers={"kid": kid})
         tokens.append({"case": f"{alg} signed by another key", "token": stranger, "expect": "invalid_signature"})
+        privates[alg] = private
+
+    # Claim shapes other libraries emit, signed RS256: NumericDates with fractions (RFC 7519 §2
+    # allows them) on both sides of the default 60 s leeway, and `aud` as a single string.
+    t = time.time()
+    shapes = [
+        ("fractional exp, iat and nbf", {"exp": t + 600.5, "iat": t - 0.25, "nbf": t - 1.5}, "ok"),
+        ("aud as one string", {"aud": audience}, "ok"),
+        ("fractional exp 61.5 s ago", {"exp": t - 61.5, "iat": t - 700.25}, "token_expired"),
+        ("fractional nbf in 600.5 s", {"nbf": t + 600.5}, "token_not_yet_valid"),
+    ]
+    for case, changes, expect in shapes:
+        token = jwt.encode({**claims, **changes}, privates["RS256"], algorithm="RS256", headers={"kid": "pyjwt-rs256"})
+        tokens.append({"case": f"RS256 {case}", "token": token, "expect": expect})
     print(json.dumps({"jwks": {"keys": keys}, "tokens": tokens}))
 
 

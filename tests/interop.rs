@@ -3,7 +3,8 @@
 //! every algorithm subguard verifies, publishes them as a JWKS the way PyJWT exports keys, and
 //! mints the tokens. The rest of the suite mints with the Rust `jsonwebtoken` crate, whose
 //! backend subguard's verification shares; this file is where an encoding both might get wrong
-//! the same way (an ECDSA signature's form, PSS parameters, a JWK member) would show.
+//! the same way (an ECDSA signature's form, PSS parameters, a JWK member) would show. The keys
+//! reach subguard three ways: a `jwks_file`, a `jwks_uri` and OIDC discovery (a fixture IdP).
 //!
 //! Python comes from `$SUBGUARD_PYTHON`, else `<repo>/.venv/bin/python` (`make venv`, which pins
 //! PyJWT and cryptography in requirements-dev.txt); without it the test fails saying so.
@@ -14,31 +15,48 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::envoy::{Envoy, shipped_config};
-use common::{ConfigDir, Subguard, Upstream};
+use common::{ConfigDir, JwksServer, Subguard, Upstream};
 use serde_json::Value;
 
-const ISSUER: &str = "https://idp.pyjwt.test/";
 const SUB: &str = "py-user";
 
-/// `forward` keeps its defaults: `x-tenant-id`, `x-user-id`, `x-user-roles`.
-const CONFIG: &str = r#"
-listen: { grpc: "127.0.0.1:0", admin: "127.0.0.1:0" }
-tenant: { header: x-tenant-id }
-directory: { kind: file, path: users.yaml }
-tenants:
-  acme:
+/// The tenants, each reading the one issuer's keys its own way.
+const TENANTS: [&str; 3] = ["file", "uri", "discovery"];
+
+/// Three tenants trust one issuer (the fixture IdP's URL, as discovery wants) and read its keys
+/// from a file, from `jwks_uri` and by OIDC discovery. `forward` keeps its defaults (`x-tenant-id`,
+/// `x-user-id`, `x-user-roles`).
+fn config(issuer: &str, jwks_uri: &str) -> String {
+    let tenant = |source: &str| {
+        format!(
+            r#"
     issuers:
-      - issuer: "https://idp.pyjwt.test/"
+      - issuer: "{issuer}"
         audiences: ["orders"]
         algorithms: ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
-        jwks_file: keys/pyjwt.jwks.json
-"#;
+        {source}"#
+        )
+    };
+    format!(
+        r#"
+listen: {{ grpc: "127.0.0.1:0", admin: "127.0.0.1:0" }}
+tenant: {{ header: x-tenant-id }}
+directory: {{ kind: file, path: users.yaml }}
+tenants:
+  file:{}
+  uri:{}
+  discovery:{}
+"#,
+        tenant("jwks_file: keys/pyjwt.jwks.json"),
+        tenant(&format!(r#"jwks_uri: "{jwks_uri}""#)),
+        tenant("discovery: true"),
+    )
+}
 
 const USERS: &str = r#"
-acme:
-  - sub: py-user
-    id: u-py
-    roles: [reader]
+file: [{ sub: py-user, id: u-py }]
+uri: [{ sub: py-user, id: u-py }]
+discovery: [{ sub: py-user, id: u-py }]
 "#;
 
 fn python() -> PathBuf {
@@ -54,12 +72,12 @@ fn python() -> PathBuf {
     python
 }
 
-/// The JWKS and the cases `pyjwt_mint.py` made.
-fn mint() -> (Value, Vec<(String, String, String)>) {
+/// The JWKS and the cases (name, token, expected reason or `ok`) `pyjwt_mint.py` made for `issuer`.
+fn mint(issuer: &str) -> (Value, Vec<(String, String, String)>) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/pyjwt_mint.py");
     let out = Command::new(python())
         .arg(&script)
-        .args([ISSUER, "orders", SUB])
+        .args([issuer, "orders", SUB])
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
     assert!(out.status.success(), "{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr));
@@ -78,9 +96,11 @@ fn mint() -> (Value, Vec<(String, String, String)>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_minted_by_pyjwt_for_every_algorithm_are_verified_through_envoy() {
-    let (jwks, cases) = mint();
+    let idp = JwksServer::start(r#"{"keys": []}"#);
+    let (jwks, cases) = mint(&idp.base_url());
     assert_eq!(cases.len(), 9 * 4 + 4, "four cases for each of the nine algorithms, four claim shapes");
-    let dir = ConfigDir::with(CONFIG, USERS);
+    idp.set_jwks(&jwks.to_string());
+    let dir = ConfigDir::with(&config(&idp.base_url(), &idp.jwks_uri()), USERS);
     dir.write("keys/pyjwt.jwks.json", &jwks.to_string());
     let subguard = Subguard::start_in(dir);
     let upstream = Upstream::start();
@@ -91,15 +111,12 @@ async fn tokens_minted_by_pyjwt_for_every_algorithm_are_verified_through_envoy()
     );
 
     let mut wrong = Vec::new();
-    for (i, (case, token, expect)) in cases.iter().enumerate() {
+    let asked = TENANTS.into_iter().flat_map(|tenant| cases.iter().map(move |case| (tenant, case)));
+    for (i, (tenant, (case, token, expect))) in asked.enumerate() {
         let marker = format!("interop-{i}");
         let bearer = format!("Bearer {token}");
-        let reply = envoy
-            .get(
-                "/orders",
-                &[("x-tenant-id", "acme"), ("authorization", &bearer), ("x-test-marker", &marker)],
-            )
-            .await;
+        let headers = [("x-tenant-id", tenant), ("authorization", &bearer), ("x-test-marker", &marker)];
+        let reply = envoy.get("/orders", &headers).await;
         let seen =
             upstream.requests().into_iter().find(|r| r.header("x-test-marker") == Some(marker.as_str()));
         let got = match (reply.status, reply.header("x-subguard-reason")) {
@@ -111,8 +128,9 @@ async fn tokens_minted_by_pyjwt_for_every_algorithm_are_verified_through_envoy()
         };
         let matches = got == *expect || got.split(' ').next() == Some(expect.as_str());
         if !matches || (expect != "ok" && seen.is_some()) {
-            wrong.push(format!("{case}: expected {expect}, got {got}"));
+            wrong.push(format!("{tenant}: {case}: expected {expect}, got {got}"));
         }
     }
-    assert!(wrong.is_empty(), "{} of {} PyJWT cases wrong:\n{}", wrong.len(), cases.len(), wrong.join("\n"));
+    let asked = TENANTS.len() * cases.len();
+    assert!(wrong.is_empty(), "{} of {asked} PyJWT cases wrong:\n{}", wrong.len(), wrong.join("\n"));
 }

@@ -7,7 +7,7 @@ ENVOY := $(CURDIR)/$(VENV)/bin/envoy
 SUBGUARD := target/debug/subguard
 
 .PHONY: all venv build demo lint test validate-envoy clean redis-server
-.PHONY: k8s-tools validate-k8s
+.PHONY: k8s-tools validate-k8s interop-tools
 .PHONY: fuzz fuzz-smoke fuzz-build fuzz-tools
 
 all: build
@@ -52,14 +52,29 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --all-targets --features otel -- -D warnings
 
-test: venv redis-server lint
-	SUBGUARD_ENVOY=$(ENVOY) $(CARGO) test
+test: venv redis-server interop-tools lint
+	SUBGUARD_ENVOY=$(ENVOY) SUBGUARD_JOSE=$(CURDIR)/$(INTEROP_TOOLS)/node_modules $(CARGO) test
 	# The OpenTelemetry export path is behind a cargo feature: build and test it too.
 	SUBGUARD_ENVOY=$(ENVOY) $(CARGO) test --features otel --test otel_export
 	$(MAKE) validate-envoy
 	$(MAKE) validate-k8s BUILD=
 	$(MAKE) demo BUILD=
 	$(MAKE) fuzz-smoke
+
+# tests/interop.rs mints tokens with other libraries: PyJWT from .venv, and panva/jose (Node.js),
+# pinned in tests/interop/package-lock.json and installed under .tools/interop (git-ignored).
+INTEROP_TOOLS := .tools/interop
+
+interop-tools: $(INTEROP_TOOLS)/.stamp
+
+$(INTEROP_TOOLS)/.stamp: tests/interop/package.json tests/interop/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+		echo "tests/interop.rs needs Node.js and npm to mint tokens with jose (apt install nodejs npm)"; exit 1; }
+	mkdir -p $(INTEROP_TOOLS)
+	cp tests/interop/package.json tests/interop/package-lock.json $(INTEROP_TOOLS)/
+	cd $(INTEROP_TOOLS) && npm ci --no-audit --no-fund --loglevel=error || { \
+		echo "cannot install the pinned npm packages of tests/interop/package-lock.json (jose)"; exit 1; }
+	touch $@
 
 # Every Envoy config we ship must load in the Envoy version we test against.
 validate-envoy: venv

@@ -1,13 +1,17 @@
-//! Tokens and keys made by another library, through the real Envoy: PyJWT with `cryptography`
-//! (`tests/interop/pyjwt_mint.py`, run with the project's `.venv` python) makes a fresh key for
-//! every algorithm subguard verifies, publishes them as a JWKS the way PyJWT exports keys, and
-//! mints the tokens. The rest of the suite mints with the Rust `jsonwebtoken` crate, whose
-//! backend subguard's verification shares; this file is where an encoding both might get wrong
-//! the same way (an ECDSA signature's form, PSS parameters, a JWK member) would show. The keys
-//! reach subguard three ways: a `jwks_file`, a `jwks_uri` and OIDC discovery (a fixture IdP).
+//! Tokens and keys made by other libraries, through the real Envoy. Two minters, each making a
+//! fresh key for every algorithm subguard verifies, publishing them as a JWKS the way that library
+//! exports keys, and minting the tokens (`tests/interop/`):
 //!
-//! Python comes from `$SUBGUARD_PYTHON`, else `<repo>/.venv/bin/python` (`make venv`, which pins
-//! PyJWT and cryptography in requirements-dev.txt); without it the test fails saying so.
+//! - PyJWT with `cryptography` (`pyjwt_mint.py`), run with the project's `.venv` python
+//!   (`$SUBGUARD_PYTHON` overrides; `make venv` installs it from requirements-dev.txt);
+//! - panva/jose on Node's WebCrypto (`jose_mint.mjs`), from the `node_modules` that `make
+//!   interop-tools` installs under `.tools/interop` (`$SUBGUARD_JOSE` overrides; `make test` sets it).
+//!
+//! The rest of the suite mints with the Rust `jsonwebtoken` crate, whose backend subguard's
+//! verification shares; this file is where an encoding both might get wrong the same way (an
+//! ECDSA signature's form, PSS parameters, a JWK member) would show. The keys reach subguard three
+//! ways: a `jwks_file`, a `jwks_uri` and OIDC discovery (a fixture IdP). A missing python or node
+//! fails the test with what to run; it is never skipped.
 
 mod common;
 
@@ -18,7 +22,7 @@ use common::envoy::{Envoy, shipped_config};
 use common::{ConfigDir, JwksServer, Subguard, Upstream};
 use serde_json::Value;
 
-const SUB: &str = "py-user";
+const SUB: &str = "interop-user";
 
 /// The tenants, each reading the one issuer's keys its own way.
 const TENANTS: [&str; 3] = ["file", "uri", "discovery"];
@@ -47,41 +51,37 @@ tenants:
   uri:{}
   discovery:{}
 "#,
-        tenant("jwks_file: keys/pyjwt.jwks.json"),
+        tenant("jwks_file: keys/minted.jwks.json"),
         tenant(&format!(r#"jwks_uri: "{jwks_uri}""#)),
         tenant("discovery: true"),
     )
 }
 
 const USERS: &str = r#"
-file: [{ sub: py-user, id: u-py }]
-uri: [{ sub: py-user, id: u-py }]
-discovery: [{ sub: py-user, id: u-py }]
+file: [{ sub: interop-user, id: u-interop }]
+uri: [{ sub: interop-user, id: u-interop }]
+discovery: [{ sub: interop-user, id: u-interop }]
 "#;
 
-fn python() -> PathBuf {
-    let python = std::env::var_os("SUBGUARD_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    assert!(
-        python.exists(),
-        "{} not found: run `make venv` (it installs PyJWT and cryptography from requirements-dev.txt), \
-         or set SUBGUARD_PYTHON to a python that has them",
-        python.display()
-    );
-    python
+fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
 
-/// The JWKS and the cases (name, token, expected reason or `ok`) `pyjwt_mint.py` made for `issuer`.
-fn mint(issuer: &str) -> (Value, Vec<(String, String, String)>) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/pyjwt_mint.py");
-    let out = Command::new(python())
-        .arg(&script)
+/// `$var`, else `default` under the repository; it must exist, or the test fails with `fix`.
+fn tool_path(var: &str, default: &str, fix: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| repo_path(default));
+    assert!(path.exists(), "{} not found: {fix}, or set {var}", path.display());
+    path
+}
+
+/// The JWKS and the cases (name, token, expected reason or `ok`) that a minter printed.
+fn mint(mut minter: Command, issuer: &str) -> (Value, Vec<(String, String, String)>) {
+    let out = minter
         .args([issuer, "orders", SUB])
         .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(out.status.success(), "{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr));
-    let made: Value = serde_json::from_slice(&out.stdout).expect("pyjwt_mint.py prints JSON");
+        .unwrap_or_else(|e| panic!("running {minter:?}: {e} (is it installed?)"));
+    assert!(out.status.success(), "{minter:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let made: Value = serde_json::from_slice(&out.stdout).expect("the minter prints JSON");
     let cases = made["tokens"]
         .as_array()
         .expect("tokens")
@@ -94,14 +94,46 @@ fn mint(issuer: &str) -> (Value, Vec<(String, String, String)>) {
     (made["jwks"].clone(), cases)
 }
 
+fn pyjwt() -> Command {
+    let python = tool_path(
+        "SUBGUARD_PYTHON",
+        ".venv/bin/python",
+        "run `make venv` (it installs PyJWT and cryptography from requirements-dev.txt)",
+    );
+    let mut command = Command::new(python);
+    command.arg(repo_path("tests/interop/pyjwt_mint.py"));
+    command
+}
+
+fn jose() -> Command {
+    let node_modules = tool_path(
+        "SUBGUARD_JOSE",
+        ".tools/interop/node_modules",
+        "run `make interop-tools` (it installs jose from tests/interop/package-lock.json; needs node and npm)",
+    );
+    let mut command = Command::new("node");
+    command.arg(repo_path("tests/interop/jose_mint.mjs")).arg(node_modules);
+    command
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_minted_by_pyjwt_for_every_algorithm_are_verified_through_envoy() {
+    verify_through_envoy("PyJWT", pyjwt()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_minted_by_jose_for_every_algorithm_are_verified_through_envoy() {
+    verify_through_envoy("jose", jose()).await;
+}
+
+/// Mints with `minter` for a fixture IdP and asks every case of every tenant through Envoy.
+async fn verify_through_envoy(library: &str, minter: Command) {
     let idp = JwksServer::start(r#"{"keys": []}"#);
-    let (jwks, cases) = mint(&idp.base_url());
+    let (jwks, cases) = mint(minter, &idp.base_url());
     assert_eq!(cases.len(), 9 * 4 + 4, "four cases for each of the nine algorithms, four claim shapes");
     idp.set_jwks(&jwks.to_string());
     let dir = ConfigDir::with(&config(&idp.base_url(), &idp.jwks_uri()), USERS);
-    dir.write("keys/pyjwt.jwks.json", &jwks.to_string());
+    dir.write("keys/minted.jwks.json", &jwks.to_string());
     let subguard = Subguard::start_in(dir);
     let upstream = Upstream::start();
     let envoy = Envoy::start(
@@ -121,7 +153,7 @@ async fn tokens_minted_by_pyjwt_for_every_algorithm_are_verified_through_envoy()
             upstream.requests().into_iter().find(|r| r.header("x-test-marker") == Some(marker.as_str()));
         let got = match (reply.status, reply.header("x-subguard-reason")) {
             (200, None) => match seen.as_ref().and_then(|r| r.header("x-user-id")) {
-                Some("u-py") => "ok".to_string(),
+                Some("u-interop") => "ok".to_string(),
                 other => format!("200 but the application saw x-user-id {other:?}"),
             },
             (status, reason) => format!("{} ({status})", reason.unwrap_or("no reason header")),
@@ -132,5 +164,5 @@ async fn tokens_minted_by_pyjwt_for_every_algorithm_are_verified_through_envoy()
         }
     }
     let asked = TENANTS.len() * cases.len();
-    assert!(wrong.is_empty(), "{} of {asked} PyJWT cases wrong:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(wrong.is_empty(), "{} of {asked} {library} cases wrong:\n{}", wrong.len(), wrong.join("\n"));
 }

@@ -130,7 +130,7 @@ async fn tokens_minted_by_jose_for_every_algorithm_are_verified_through_envoy() 
 async fn verify_through_envoy(library: &str, minter: Command) {
     let idp = JwksServer::start(r#"{"keys": []}"#);
     let (jwks, cases) = mint(minter, &idp.base_url());
-    assert_eq!(cases.len(), 9 * 4 + 4, "four cases for each of the nine algorithms, four claim shapes");
+    assert_eq!(cases.len(), 9 * 4 + 5, "four cases for each of the nine algorithms, five token shapes");
     idp.set_jwks(&jwks.to_string());
     let dir = ConfigDir::with(&config(&idp.base_url(), &idp.jwks_uri()), USERS);
     dir.write("keys/minted.jwks.json", &jwks.to_string());

@@ -8,7 +8,7 @@
 // key, exported by `exportJWK` with a `kid`; the RS* and ES* keys also get `use` and `alg`, the PS*
 // and EdDSA keys stay as jose made them. Cases per algorithm: with a kid, without one, claims
 // altered under the original signature, signed by a key the JWKS lacks (same kid); then four
-// claim shapes signed RS256.
+// claim shapes and one header shape, signed RS256.
 
 import fs from "node:fs";
 import path from "node:path";
@@ -62,5 +62,8 @@ for (const [name, changes, expect] of shapes) {
   const token = await sign({ ...claims, ...changes }, privates.RS256, { alg: "RS256", kid: "jose-rs256" });
   tokens.push({ case: `RS256 ${name}`, token, expect });
 }
+// An RFC 9068 access token's `typ`, and a `jku` that must never be fetched (nothing listens there).
+const header = { alg: "RS256", kid: "jose-rs256", typ: "at+jwt", jku: "http://127.0.0.1:9/jwks" };
+tokens.push({ case: "RS256 typ at+jwt with a jku", token: await sign(claims, privates.RS256, header), expect: "ok" });
 
 process.stdout.write(JSON.stringify({ jwks: { keys }, tokens }));

@@ -7,7 +7,9 @@ Every algorithm subguard verifies gets its own fresh key, published the way PyJW
 (`to_jwk`) with a `kid`; the RS* and ES* keys also get `use` and `alg`, as most IdPs publish
 them, the PS* and EdDSA keys stay as PyJWT made them. Cases per algorithm: a valid token
 with a kid, the same without a kid, its claims altered under the original signature, and signed
-by a key of the same type that the JWKS does not have (same kid); and four claim shapes (below).
+by a key of the same type that the JWKS does not have (same kid); then four claim shapes and
+one header shape, signed RS256 (below).
+
 Usage: pyjwt_mint.py ISSUER AUD SUB
 """
 
@@ -82,6 +84,10 @@ def main() -> None:
     for case, changes, expect in shapes:
         token = jwt.encode({**claims, **changes}, privates["RS256"], algorithm="RS256", headers={"kid": "pyjwt-rs256"})
         tokens.append({"case": f"RS256 {case}", "token": token, "expect": expect})
+    # An RFC 9068 access token's `typ`, and a `jku` that must never be fetched (nothing listens there).
+    header = {"kid": "pyjwt-rs256", "typ": "at+jwt", "jku": "http://127.0.0.1:9/jwks"}
+    token = jwt.encode(claims, privates["RS256"], algorithm="RS256", headers=header)
+    tokens.append({"case": "RS256 typ at+jwt with a jku", "token": token, "expect": "ok"})
     print(json.dumps({"jwks": {"keys": keys}, "tokens": tokens}))
 
 

@@ -163,6 +163,7 @@ async fn verify_through_envoy(library: &str, minter: Command) {
             wrong.push(format!("{tenant}: {case}: expected {expect}, got {got}"));
         }
     }
+    assert_eq!(idp.requests("/jku-never-fetched"), 0, "a token's jku was fetched");
     let asked = TENANTS.len() * cases.len();
     assert!(wrong.is_empty(), "{} of {asked} {library} cases wrong:\n{}", wrong.len(), wrong.join("\n"));
 }

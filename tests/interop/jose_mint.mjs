@@ -62,8 +62,8 @@ for (const [name, changes, expect] of shapes) {
   const token = await sign({ ...claims, ...changes }, privates.RS256, { alg: "RS256", kid: "jose-rs256" });
   tokens.push({ case: `RS256 ${name}`, token, expect });
 }
-// An RFC 9068 access token's `typ`, and a `jku` that must never be fetched (nothing listens there).
-const header = { alg: "RS256", kid: "jose-rs256", typ: "at+jwt", jku: "http://127.0.0.1:9/jwks" };
+// An RFC 9068 access token's `typ`, and a `jku` on the issuer's host that must never be fetched.
+const header = { alg: "RS256", kid: "jose-rs256", typ: "at+jwt", jku: `${issuer}/jku-never-fetched` };
 tokens.push({ case: "RS256 typ at+jwt with a jku", token: await sign(claims, privates.RS256, header), expect: "ok" });
 
 process.stdout.write(JSON.stringify({ jwks: { keys }, tokens }));

@@ -84,8 +84,8 @@ def main() -> None:
     for case, changes, expect in shapes:
         token = jwt.encode({**claims, **changes}, privates["RS256"], algorithm="RS256", headers={"kid": "pyjwt-rs256"})
         tokens.append({"case": f"RS256 {case}", "token": token, "expect": expect})
-    # An RFC 9068 access token's `typ`, and a `jku` that must never be fetched (nothing listens there).
-    header = {"kid": "pyjwt-rs256", "typ": "at+jwt", "jku": "http://127.0.0.1:9/jwks"}
+    # An RFC 9068 access token's `typ`, and a `jku` on the issuer's host that must never be fetched.
+    header = {"kid": "pyjwt-rs256", "typ": "at+jwt", "jku": f"{issuer}/jku-never-fetched"}
     token = jwt.encode(claims, privates["RS256"], algorithm="RS256", headers=header)
     tokens.append({"case": "RS256 typ at+jwt with a jku", "token": token, "expect": "ok"})
     print(json.dumps({"jwks": {"keys": keys}, "tokens": tokens}))

@@ -252,6 +252,12 @@ impl Outcome {
     pub fn reason(&self) -> Option<&str> {
         self.header("x-subguard-reason").or_else(|| self.meta("reason"))
     }
+
+    /// Whether this is the answer `reason` names: allowed with metadata reason `ok`, or denied
+    /// with that reason.
+    pub fn answers(&self, reason: &str) -> bool {
+        self.meta("reason") == Some(reason) && self.allowed == (reason == "ok")
+    }
 }
 
 fn flatten(prefix: &str, s: &Struct, out: &mut HashMap<String, String>) {

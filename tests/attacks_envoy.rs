@@ -164,10 +164,6 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-fn upstream_saw(marker: &str) -> Option<FixtureRequest> {
-    shared().upstream.requests().into_iter().find(|r| r.header("x-test-marker") == Some(marker))
-}
-
 /// Every value the application received under `name`.
 fn values(seen: &FixtureRequest, name: &str) -> Vec<String> {
     seen.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect()
@@ -181,7 +177,7 @@ fn assert_denied(reply: &Reply, marker: &str, status: u16, code: &str) {
     assert_eq!(reply.status, status, "{ctx}");
     assert_eq!(reply.header("x-subguard-reason"), Some(code), "{ctx}");
     assert_eq!(reply.json()["code"], code, "{ctx}");
-    assert!(upstream_saw(marker).is_none(), "a denied request reached the application: {ctx}");
+    assert!(shared().upstream.saw(marker).is_none(), "a denied request reached the application: {ctx}");
     for name in ["x-user-id", "x-user-roles"] {
         assert!(reply.header(name).is_none(), "the client got {name} back: {ctx}");
     }
@@ -211,7 +207,7 @@ fn spoofed_identity_headers_never_reach_the_app_on_an_allowed_request() {
     headers.extend(&spoofed_identity);
     let reply = get("spoof-allow-roles", &headers);
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let seen = upstream_saw("spoof-allow-roles").expect("the app got the request");
+    let seen = shared().upstream.saw("spoof-allow-roles").expect("the app got the request");
     assert_eq!(values(&seen, "x-user-id"), ["acme-alice"], "{:?}", seen.headers);
     assert_eq!(values(&seen, "x-user-roles"), ["admin"], "{:?}", seen.headers);
     assert_eq!(values(&seen, "x-tenant-id"), ["acme"], "{:?}", seen.headers);
@@ -221,7 +217,7 @@ fn spoofed_identity_headers_never_reach_the_app_on_an_allowed_request() {
     headers.extend(&spoofed_identity);
     let reply = get("spoof-allow-noroles", &headers);
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let seen = upstream_saw("spoof-allow-noroles").expect("the app got the request");
+    let seen = shared().upstream.saw("spoof-allow-noroles").expect("the app got the request");
     assert_eq!(values(&seen, "x-user-id"), ["bob"], "{:?}", seen.headers);
     assert_eq!(values(&seen, "x-user-roles"), Vec::<String>::new(), "{:?}", seen.headers);
     assert_eq!(values(&seen, "x-tenant-id"), ["acme"], "{:?}", seen.headers);
@@ -232,7 +228,7 @@ fn spoofed_identity_headers_never_reach_the_app_on_an_allowed_request() {
         &[("x-tenant-id", "ACME"), ("authorization", &alice), ("x-user-id", "root")],
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let seen = upstream_saw("spoof-tenant-case").unwrap();
+    let seen = shared().upstream.saw("spoof-tenant-case").unwrap();
     assert_eq!(values(&seen, "x-tenant-id"), ["acme"], "{:?}", seen.headers);
     assert_eq!(values(&seen, "x-user-id"), ["acme-alice"], "{:?}", seen.headers);
 
@@ -242,7 +238,7 @@ fn spoofed_identity_headers_never_reach_the_app_on_an_allowed_request() {
         &[("host", "twin.api.example.com"), ("authorization", &alice), ("x-user-roles", "admin")],
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let seen = upstream_saw("spoof-twin").unwrap();
+    let seen = shared().upstream.saw("spoof-twin").unwrap();
     assert_eq!(values(&seen, "x-user-id"), ["twin-alice"]);
     assert_eq!(values(&seen, "x-user-roles"), ["viewer"]);
     assert_eq!(values(&seen, "x-tenant-id"), ["twin"]);
@@ -317,7 +313,7 @@ fn oversized_authorization_is_refused_by_subguard_or_by_envoy() {
         .build();
     let reply = get("huge-auth", &[("x-tenant-id", "acme"), ("authorization", &format!("Bearer {huge}"))]);
     assert_eq!(reply.status, 431, "{} {:?}", reply.body, reply.headers);
-    assert!(upstream_saw("huge-auth").is_none());
+    assert!(shared().upstream.saw("huge-auth").is_none());
 }
 
 #[test]
@@ -362,11 +358,11 @@ fn host_tricks_through_envoy() {
     // Port, case and a trailing dot name the same tenant.
     let reply = get("host-port-case", &[("host", "ACME.Api.Example.com.:8080"), ("authorization", &alice)]);
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(values(&upstream_saw("host-port-case").unwrap(), "x-tenant-id"), ["acme"]);
+    assert_eq!(values(&shared().upstream.saw("host-port-case").unwrap(), "x-tenant-id"), ["acme"]);
     // An empty port is the default port (RFC 3986 §3.2.3).
     let reply = get("host-empty-port", &[("host", "acme.api.example.com:"), ("authorization", &alice)]);
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(values(&upstream_saw("host-empty-port").unwrap(), "x-tenant-id"), ["acme"]);
+    assert_eq!(values(&shared().upstream.saw("host-empty-port").unwrap(), "x-tenant-id"), ["acme"]);
     // A punycode look-alike of acme is another label: it conflicts with the header.
     let reply = get(
         "host-idn",

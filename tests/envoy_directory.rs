@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use common::directory_server::{Answer, DirectoryServer};
 use common::envoy::{Envoy, EnvoyBuilder, Reply, shipped_config};
-use common::http_fixture::FixtureRequest;
 use common::{Algorithm, Subguard, TokenBuilder, Upstream};
 use serde_json::json;
 
@@ -114,10 +113,6 @@ async fn get_as(envoy: &Envoy, sub: &str, marker: &str, extra: &[(&str, &str)]) 
     envoy.get("/orders/1", &headers).await
 }
 
-fn upstream_saw(upstream: &Upstream, marker: &str) -> Option<FixtureRequest> {
-    upstream.requests().into_iter().find(|r| r.header("x-test-marker") == Some(marker))
-}
-
 /// subguard's own 503 `directory_unavailable`, as the client gets it.
 #[track_caller]
 fn assert_subguards_503(reply: &Reply) {
@@ -144,7 +139,7 @@ async fn a_found_user_reaches_the_application() {
     let s = deny_stack();
     let reply = get_as(&s.envoy, "alice", "found-1", &[]).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let seen = upstream_saw(&s.upstream, "found-1").expect("the app got the request");
+    let seen = s.upstream.saw("found-1").expect("the app got the request");
     assert_eq!(seen.header("x-user-id"), Some("u-alice"));
     assert_eq!(seen.header("x-user-roles"), Some("reader"));
 }
@@ -157,7 +152,7 @@ async fn directory_404_is_403_user_not_found() {
     assert_eq!(reply.header("x-subguard-reason"), Some("user_not_found"));
     assert_eq!(reply.json()["code"], "user_not_found");
     assert!(reply.header("retry-after").is_none(), "not an outage: {:?}", reply.headers);
-    assert!(upstream_saw(&s.upstream, "nf-1").is_none());
+    assert!(s.upstream.saw("nf-1").is_none());
     assert_eq!(s.directory.requests("acme", "nobody"), 1);
 }
 
@@ -166,7 +161,7 @@ async fn directory_500_is_503_directory_unavailable_with_retry_after() {
     let s = deny_stack();
     let reply = get_as(&s.envoy, "broken", "err-1", &[]).await;
     assert_subguards_503(&reply);
-    assert!(upstream_saw(&s.upstream, "err-1").is_none());
+    assert!(s.upstream.saw("err-1").is_none());
 }
 
 #[tokio::test]
@@ -174,7 +169,7 @@ async fn a_directory_slower_than_timeout_ms_is_subguards_503_not_envoys_timeout(
     let s = deny_stack();
     let reply = get_as(&s.envoy, "slow", "slow-1", &[]).await;
     assert_subguards_503(&reply);
-    assert!(upstream_saw(&s.upstream, "slow-1").is_none());
+    assert!(s.upstream.saw("slow-1").is_none());
 }
 
 #[tokio::test]
@@ -184,7 +179,7 @@ async fn with_outage_response_deny_failure_mode_allow_does_not_open_the_door() {
     let envoy = fail_open_envoy(s);
     let reply = get_as(&envoy, "broken", "deny-open-1", &[]).await;
     assert_subguards_503(&reply);
-    assert!(upstream_saw(&s.upstream, "deny-open-1").is_none());
+    assert!(s.upstream.saw("deny-open-1").is_none());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -196,7 +191,7 @@ async fn outage_response_error_with_the_shipped_config_still_gives_subguards_503
     for (sub, marker) in [("broken", "oe-500"), ("slow", "oe-slow")] {
         let reply = get_as(&s.envoy, sub, marker, &[]).await;
         assert_subguards_503(&reply);
-        assert!(upstream_saw(&s.upstream, marker).is_none(), "{sub}: fail closed");
+        assert!(s.upstream.saw(marker).is_none(), "{sub}: fail closed");
     }
     // Decisions are unchanged.
     let reply = get_as(&s.envoy, "nobody", "oe-nf", &[]).await;
@@ -215,12 +210,12 @@ async fn outage_response_error_with_failure_mode_allow_fails_open() {
     let reply = get_as(&envoy, "broken", "open-1", &[("x-user-id", "forged-by-client")]).await;
     assert_eq!(reply.status, 200, "fail open: {}", reply.body);
     assert_eq!(reply.header("x-subguard-reason"), None);
-    let seen = upstream_saw(&s.upstream, "open-1").expect("the app got the request");
+    let seen = s.upstream.saw("open-1").expect("the app got the request");
     assert_eq!(seen.header("x-user-id"), Some("forged-by-client"), "{:?}", seen.headers);
 
     // Only outages fail open: a user the directory does not know is still denied.
     let reply = get_as(&envoy, "nobody", "open-nf", &[]).await;
     assert_eq!(reply.status, 403, "{}", reply.body);
     assert_eq!(reply.header("x-subguard-reason"), Some("user_not_found"));
-    assert!(upstream_saw(&s.upstream, "open-nf").is_none());
+    assert!(s.upstream.saw("open-nf").is_none());
 }

@@ -84,11 +84,6 @@ fn token(sub: &str) -> String {
     TokenBuilder::new("rsa-1", Algorithm::RS256).iss(ISS).aud("orders").sub(sub).build()
 }
 
-/// The application's view of the one request that carries `marker` in `x-test-marker`.
-fn upstream_saw(upstream: &Upstream, marker: &str) -> Option<common::http_fixture::FixtureRequest> {
-    upstream.requests().into_iter().find(|r| r.header("x-test-marker") == Some(marker))
-}
-
 #[tokio::test]
 async fn allowed_request_reaches_the_app_with_the_identity_subguard_chose() {
     let s = shared();
@@ -108,7 +103,7 @@ async fn allowed_request_reaches_the_app_with_the_identity_subguard_chose() {
         )
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let seen = upstream_saw(&s.upstream, "allow-1").expect("the app got the request");
+    let seen = s.upstream.saw("allow-1").expect("the app got the request");
     let values = |name: &str| -> Vec<String> {
         seen.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect()
     };
@@ -135,7 +130,7 @@ async fn a_user_without_roles_never_gets_the_clients_roles_header() {
         )
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let seen = upstream_saw(&s.upstream, "noroles").expect("the app got the request");
+    let seen = s.upstream.saw("noroles").expect("the app got the request");
     assert_eq!(seen.header("x-user-id"), Some("plain-user"));
     assert_eq!(seen.header("x-user-roles"), None, "{:?}", seen.headers);
 }
@@ -152,7 +147,7 @@ async fn tenant_from_the_host_header() {
         )
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let seen = upstream_saw(&s.upstream, "host-1").unwrap();
+    let seen = s.upstream.saw("host-1").unwrap();
     assert_eq!(seen.header("x-tenant-id"), Some("acme"));
 }
 
@@ -174,7 +169,7 @@ async fn denied_request_gets_subguards_status_headers_and_body_and_never_reaches
     assert_eq!(body["code"], "missing_token");
     assert_eq!(body["tenant"], "acme");
     assert_eq!(body["request_id"], "e2e-req-1");
-    assert!(upstream_saw(&s.upstream, "deny-1").is_none(), "a denied request never reaches the app");
+    assert!(s.upstream.saw("deny-1").is_none(), "a denied request never reaches the app");
 
     // A bad token: the body never echoes it.
     let forged = TokenBuilder::new("rsa-1", Algorithm::RS256)
@@ -242,7 +237,7 @@ async fn healthz_route_bypasses_the_check() {
     let s = shared();
     let reply = s.envoy.get("/healthz", &[("x-test-marker", "probe")]).await;
     assert_eq!(reply.status, 200);
-    assert!(upstream_saw(&s.upstream, "probe").is_some());
+    assert!(s.upstream.saw("probe").is_some());
 }
 
 #[tokio::test]
@@ -258,5 +253,5 @@ async fn envoy_fails_closed_when_subguard_is_gone() {
         .get("/orders/9", &[("x-tenant-id", "acme"), ("authorization", &bearer), ("x-test-marker", "down")])
         .await;
     assert_eq!(reply.status, 503, "status_on_error: {}", reply.body);
-    assert!(upstream_saw(&stack.upstream, "down").is_none(), "fail closed: nothing reaches the app");
+    assert!(stack.upstream.saw("down").is_none(), "fail closed: nothing reaches the app");
 }

@@ -149,8 +149,7 @@ async fn verify_through_envoy(library: &str, minter: Command) {
         let bearer = format!("Bearer {token}");
         let headers = [("x-tenant-id", tenant), ("authorization", &bearer), ("x-test-marker", &marker)];
         let reply = envoy.get("/orders", &headers).await;
-        let seen =
-            upstream.requests().into_iter().find(|r| r.header("x-test-marker") == Some(marker.as_str()));
+        let seen = upstream.saw(&marker);
         let got = match (reply.status, reply.header("x-subguard-reason")) {
             (200, None) => match seen.as_ref().and_then(|r| r.header("x-user-id")) {
                 Some("u-interop") => "ok".to_string(),

@@ -192,9 +192,7 @@ async fn sigterm_under_traffic_through_envoy_lets_every_in_flight_request_finish
         let (status, reason, body) = request.await.unwrap();
         if *exists {
             assert_eq!(status, 200, "{sub}: an in-flight request finished with the right answer: {body}");
-            let seen =
-                upstream.requests().into_iter().find(|r| r.header("x-test-marker") == Some(sub.as_str()));
-            let seen = seen.unwrap_or_else(|| panic!("{sub} never reached the application"));
+            let seen = upstream.saw(sub).unwrap_or_else(|| panic!("{sub} never reached the application"));
             assert_eq!(seen.header("x-user-id"), Some(format!("id-{sub}").as_str()));
         } else {
             assert_eq!(

@@ -37,6 +37,11 @@ impl Upstream {
     pub fn requests(&self) -> Vec<FixtureRequest> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// The request that reached the application carrying `x-test-marker: <marker>`, if one did.
+    pub fn saw(&self, marker: &str) -> Option<FixtureRequest> {
+        self.seen.lock().unwrap().iter().find(|r| r.header("x-test-marker") == Some(marker)).cloned()
+    }
 }
 
 pub fn headers_json(req: &FixtureRequest) -> Value {

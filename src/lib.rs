@@ -10,6 +10,25 @@
 //! - [`explain`]: `subguard explain`, the traced pipeline for one token.
 //! - [`server`]: gRPC and admin listeners, Envoy request/response mapping, shutdown.
 
+// Bad input never crashes the sidecar: a panic in a check would reset Envoy's stream, and Envoy
+// would answer with its own reason-less status instead of subguard's reason. So the library has
+// no `unwrap`, `expect` or explicit panic outside its unit tests; a `None` or an `Err` that
+// "cannot happen" becomes `internal_error` (fail closed) or a startup error instead. Logs are JSON
+// lines on stdout: nothing in the library prints around them.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::todo,
+        clippy::unimplemented,
+        clippy::dbg_macro,
+        clippy::print_stdout,
+        clippy::print_stderr
+    )
+)]
+
 pub mod check;
 pub mod config;
 pub mod decision;

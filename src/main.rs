@@ -1,5 +1,19 @@
 //! The `subguard` command line: parse arguments, load the config, run, wait for a signal.
 
+// The command line prints its answers (`validate`'s lines, `explain`'s JSON), but never panics on
+// what a user gives it: a bad flag or config is an error message and a non-zero exit code.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::todo,
+        clippy::unimplemented,
+        clippy::dbg_macro
+    )
+)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

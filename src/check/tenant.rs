@@ -14,8 +14,8 @@ pub fn is_dns_label(s: &str) -> bool {
     let ok = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     !b.is_empty()
         && b.len() <= 63
-        && ok(&b[0])
-        && ok(&b[b.len() - 1])
+        && b.first().is_some_and(ok)
+        && b.last().is_some_and(ok)
         && b.iter().all(|c| ok(c) || *c == b'-')
 }
 

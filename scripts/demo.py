@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """subguard quickstart demo, and a smoke test of the whole chain.
 
-Starts subguard with examples/quickstart/config.yaml, an echo application, and a real Envoy
-configured from envoy/subguard-sidecar-tcp.yaml (ports and log path rewritten for the demo). Then it
-mints tokens with PyJWT from the demo keys, sends a handful of requests through Envoy and prints,
-for each, the HTTP status, the `x-subguard-reason` header and Envoy's access-log line.
+Starts subguard with examples/quickstart/config.yaml, an echo application, a stand-in for tenant
+initech's HTTP user directory, and a real Envoy configured from envoy/subguard-sidecar-tcp.yaml
+(ports and log path rewritten for the demo). Then it mints tokens with PyJWT from the demo keys,
+sends a handful of requests through Envoy and prints, for each, the HTTP status, the
+`x-subguard-reason` header and Envoy's access-log line. Last it stops initech's directory and shows
+what an outage looks like: a user never seen is `directory_unavailable` (503), never
+`user_not_found`, and a user seen a moment ago keeps working from subguard's cache.
 
 Exits 0 when every request got the expected answer, 1 otherwise, 2 when the setup failed. Every
 process it starts is stopped before it exits. Needs Python 3.11, PyJWT and cryptography (`make venv`).
@@ -45,11 +48,15 @@ SUBGUARD_ADMIN_PORT = 9192
 ENVOY_PORT = 10000
 APP_PORT = 10001
 ENVOY_ADMIN_PORT = 10002
+DIRECTORY_PORT = 10003  # initech's user directory, as examples/quickstart/config.yaml names it
 
 ISSUERS = {
     "acme": ("https://idp.acme.test/", "acme-demo-1"),
     "globex": ("https://idp.globex.test/", "globex-demo-1"),
+    "initech": ("https://idp.initech.test/", "initech-demo-1"),
 }
+# initech's users, as its directory service answers `GET /tenants/initech/users/{sub}`.
+INITECH_USERS = {"peter": {"id": "i-1001", "roles": ["staff"]}}
 # 2026-05-01T00:00:00Z: before dave's tokens_valid_after (2026-06-01) in users.yaml.
 BEFORE_DAVES_LOGOUT = 1777593600
 
@@ -76,6 +83,23 @@ class EchoHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass  # Envoy's access log is the one the demo shows.
+
+
+class DirectoryHandler(http.server.BaseHTTPRequestHandler):
+    """initech's user directory (docs/directories.md): 200 with the user's JSON, or 404."""
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        prefix = "/tenants/initech/users/"
+        user = INITECH_USERS.get(self.path[len(prefix):]) if self.path.startswith(prefix) else None
+        body = json.dumps(user).encode() if user is not None else b""
+        self.send_response(200 if user is not None else 404)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,6 +224,8 @@ class Case:
     path: str = "/orders"
     # Headers the application must (value) or must not (None) receive on an allowed request.
     upstream: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    # Printed above the case: what changed before it was sent.
+    heading: str | None = None
 
 
 @dataclasses.dataclass
@@ -208,6 +234,7 @@ class Outcome:
     request_id: str
     status: int
     reason_header: str | None
+    retry_after: str | None
     body: bytes
     access_log: str | None = None
     problems: list[str] = dataclasses.field(default_factory=list)
@@ -240,6 +267,21 @@ def cases() -> list[Case]:
         Case("host acme, x-tenant-id globex", acme, mint("acme", "alice"), 403, "tenant_mismatch",
              headers={"x-tenant-id": "globex"}),
         Case("unknown tenant nope", "nope.api.example.com", mint("acme", "alice"), 404, "unknown_tenant"),
+        Case("initech peter, from its HTTP directory", "initech.api.example.com", mint("initech", "peter"),
+             200, "ok", upstream={"x-tenant-id": "initech", "x-user-id": "i-1001", "x-user-roles": "staff"}),
+        Case("initech milton: directory says 404", "initech.api.example.com", mint("initech", "milton"),
+             403, "user_not_found"),
+    ]
+
+
+def outage_cases() -> list[Case]:
+    """Sent after initech's directory has stopped: refused connections, as in an outage."""
+    initech = "initech.api.example.com"
+    return [
+        Case("initech samir: never seen, directory down", initech, mint("initech", "samir"),
+             503, "directory_unavailable", heading="initech's user directory is stopped:"),
+        Case("initech peter: seen before, from the cache", initech, mint("initech", "peter"), 200, "ok",
+             upstream={"x-tenant-id": "initech", "x-user-id": "i-1001", "x-user-roles": "staff"}),
     ]
 
 
@@ -252,7 +294,8 @@ def send(case: Case, request_id: str) -> Outcome:
         conn.request("GET", case.path, headers=headers)
         resp = conn.getresponse()
         body = resp.read()
-        return Outcome(case, request_id, resp.status, resp.getheader("x-subguard-reason"), body)
+        return Outcome(case, request_id, resp.status, resp.getheader("x-subguard-reason"),
+                       resp.getheader("retry-after"), body)
     finally:
         conn.close()
 
@@ -289,6 +332,8 @@ def check(outcome: Outcome) -> None:
                 problems.append(f"body request_id {body.get('request_id')!r}, expected {outcome.request_id!r}")
         except (ValueError, AttributeError):
             problems.append(f"deny body is not a JSON object: {outcome.body[:120]!r}")
+        if case.status == 503 and not (outcome.retry_after or "").isdigit():
+            problems.append(f"retry-after {outcome.retry_after!r} on a 503, expected seconds")
     if outcome.access_log is None:
         problems.append("no access-log line")
     elif f"reason={case.reason} " not in outcome.access_log:
@@ -313,8 +358,12 @@ def attach_access_log(outcomes: list[Outcome], log_path: pathlib.Path, timeout: 
 def show(outcomes: list[Outcome]) -> None:
     width = max(len(o.case.description) for o in outcomes)
     for o in outcomes:
+        if o.case.heading:
+            print(f"\n{o.case.heading}")
         mark = "ok  " if not o.problems else "FAIL"
         reason = o.reason_header or "-"
+        if o.retry_after is not None:
+            reason += f" (retry-after: {o.retry_after})"
         print(f"{mark} {o.case.description:<{width}}  {o.status}  {reason}")
         if o.access_log:
             # The start time only makes the line wrap; everything else is as Envoy wrote it.
@@ -342,7 +391,8 @@ def run(args: argparse.Namespace) -> int:
         if not path.exists():
             raise SetupError(f"{path} not found: {hint}")
     for port, what in ((SUBGUARD_GRPC_PORT, "subguard gRPC"), (SUBGUARD_ADMIN_PORT, "subguard admin"),
-                       (ENVOY_PORT, "Envoy listener"), (APP_PORT, "echo app"), (ENVOY_ADMIN_PORT, "Envoy admin")):
+                       (ENVOY_PORT, "Envoy listener"), (APP_PORT, "echo app"), (ENVOY_ADMIN_PORT, "Envoy admin"),
+                       (DIRECTORY_PORT, "initech's directory")):
         ensure_port_free(port, what)
 
     shutil.rmtree(WORK, ignore_errors=True)
@@ -353,6 +403,10 @@ def run(args: argparse.Namespace) -> int:
     app = http.server.ThreadingHTTPServer(("127.0.0.1", APP_PORT), EchoHandler)
     app_thread = threading.Thread(target=app.serve_forever, name="echo-app", daemon=True)
     app_thread.start()
+    directory = http.server.ThreadingHTTPServer(("127.0.0.1", DIRECTORY_PORT), DirectoryHandler)
+    directory_thread = threading.Thread(target=directory.serve_forever, name="initech-directory", daemon=True)
+    directory_thread.start()
+    directory_up = True
     try:
         sg = procs.start("subguard", [str(subguard), "serve", "--config", str(QUICKSTART / "config.yaml")])
         wait_ready(procs, sg, "subguard", f"http://127.0.0.1:{SUBGUARD_ADMIN_PORT}/readyz", timeout=20)
@@ -363,6 +417,10 @@ def run(args: argparse.Namespace) -> int:
               f"-> echo app on 127.0.0.1:{APP_PORT}; logs in {WORK.relative_to(ROOT)}/\n")
 
         outcomes = [send(case, f"demo-{i:02d}") for i, case in enumerate(cases(), start=1)]
+        directory.shutdown()
+        directory.server_close()
+        directory_up = False
+        outcomes += [send(case, f"demo-{i:02d}") for i, case in enumerate(outage_cases(), start=len(outcomes) + 1)]
         attach_access_log(outcomes, WORK / "access.log")
         for outcome in outcomes:
             check(outcome)
@@ -382,6 +440,9 @@ def run(args: argparse.Namespace) -> int:
         procs.close()
         app.shutdown()
         app.server_close()
+        if directory_up:
+            directory.shutdown()
+            directory.server_close()
 
     failed = [o for o in outcomes if o.problems]
     # SPEC: on SIGTERM subguard finishes in-flight checks and exits 0.

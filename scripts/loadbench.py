@@ -247,6 +247,7 @@ def subguard_config(path: pathlib.Path, grpc: str, admin: str, users: pathlib.Pa
         r"^(\s+)path: users\.yaml": rf'\g<1>path: "{users}"',
         r"^(\s+)jwks_file: keys/acme\.jwks\.json": rf'\g<1>jwks_file: "{keys_dir / "acme.jwks.json"}"',
         r"^(\s+)jwks_file: keys/globex\.jwks\.json": rf'\g<1>jwks_file: "{keys_dir / "globex.jwks.json"}"',
+        r"^(\s+)jwks_file: keys/initech\.jwks\.json": rf'\g<1>jwks_file: "{keys_dir / "initech.jwks.json"}"',
     }
     for pattern, replacement in replacements.items():
         text, n = re.subn(pattern, replacement, text, flags=re.MULTILINE)

@@ -591,7 +591,13 @@ mod tests {
         let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("keys")).unwrap();
-        for f in ["config.yaml", "users.yaml", "keys/acme.jwks.json", "keys/globex.jwks.json"] {
+        for f in [
+            "config.yaml",
+            "users.yaml",
+            "keys/acme.jwks.json",
+            "keys/globex.jwks.json",
+            "keys/initech.jwks.json",
+        ] {
             std::fs::copy(quickstart.join(f), dir.path().join(f)).unwrap();
         }
         let config_path = dir.path().join("config.yaml");

@@ -131,7 +131,8 @@ pub mod otel {
 }
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
 
 use std::fmt::Write as _;
 
@@ -207,6 +208,12 @@ pub struct ReloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    /// 16 hex digits of the watched files' SHA-256 fingerprint.
+    pub fingerprint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -241,6 +248,12 @@ pub struct Metrics {
     jwks_fetches: Family<JwksLabels, Counter>,
     breaker_state: Family<BreakerLabels, Gauge>,
     config_reloads: Family<ReloadLabels, Counter>,
+    /// 1 while the last version read was applied (or is the one started with), 0 while it was
+    /// refused and the previous one keeps serving.
+    config_last_reload_ok: Gauge,
+    config_last_success: Gauge<f64, AtomicU64>,
+    /// One series: the fingerprint of the version serving.
+    config_info: Family<ConfigLabels, Gauge>,
     revocation_lookups: Family<OutcomeLabels, Counter>,
     revocation_events: Family<EventLabels, Counter>,
     revocation_connected: Gauge,
@@ -285,6 +298,22 @@ impl Metrics {
         for outcome in ["ok", "error"] {
             let _ = m.config_reloads.get_or_create(&ReloadLabels { outcome });
         }
+        r.register(
+            "config_last_reload_successful",
+            "1 when the last config version read was applied, 0 when it was refused and the previous one keeps serving",
+            m.config_last_reload_ok.clone(),
+        );
+        r.register_with_unit(
+            "config_last_reload_success_timestamp",
+            "When the config version serving was applied (Unix time): at start or at its reload",
+            Unit::Seconds,
+            m.config_last_success.clone(),
+        );
+        r.register(
+            "config_info",
+            "The config version serving: a fingerprint of the config file and every file it names",
+            m.config_info.clone(),
+        );
         r.register(
             "revocation_lookups",
             "Revoked-jti lookups: revoked, not_revoked, cache_hit (answered locally), unavailable (Redis not asked or failed)",
@@ -332,6 +361,9 @@ impl Metrics {
             jwks_fetches: Family::default(),
             breaker_state: Family::default(),
             config_reloads: Family::default(),
+            config_last_reload_ok: Gauge::default(),
+            config_last_success: Gauge::default(),
+            config_info: Family::default(),
             revocation_lookups: Family::default(),
             revocation_events: Family::default(),
             revocation_connected: Gauge::default(),
@@ -395,8 +427,26 @@ impl Metrics {
         self.breaker_state.get_or_create(&BreakerLabels { directory: Name(directory.clone()) }).set(v);
     }
 
+    /// A changed config version was read: applied (`ok`), or refused while the previous one keeps
+    /// serving.
     pub fn config_reloaded(&self, ok: bool) {
         self.config_reloads.get_or_create(&ReloadLabels { outcome: if ok { "ok" } else { "error" } }).inc();
+        self.config_last_reload_ok.set(i64::from(ok));
+    }
+
+    /// The version with this fingerprint serves now: at start, and after each applied reload.
+    /// The fingerprint's first 8 bytes, in hex, label `subguard_config_info`: pods with the same
+    /// files show the same value, so a fleet's convergence on a new version can be counted.
+    pub fn config_serving(&self, fingerprint: &[u8; 32]) {
+        self.config_last_reload_ok.set(1);
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        self.config_last_success.set(now.as_secs_f64());
+        let mut hex = String::with_capacity(16);
+        for byte in &fingerprint[..8] {
+            let _ = write!(hex, "{byte:02x}");
+        }
+        self.config_info.clear();
+        self.config_info.get_or_create(&ConfigLabels { fingerprint: hex }).set(1);
     }
 
     pub fn directory_lookup(&self, tenant: &Arc<str>, outcome: &'static str) {

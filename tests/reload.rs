@@ -265,6 +265,84 @@ async fn an_invalid_config_is_refused_logged_counted_and_the_old_one_keeps_servi
     assert!(new_lines.contains("hots"), "the refusal is logged with its cause:\n{new_lines}");
 }
 
+/// `subguard_config_last_reload_successful`, `subguard_config_last_reload_success_timestamp_seconds`
+/// and the fingerprints of `subguard_config_info`'s series.
+fn config_gauges(sg: &Subguard) -> (f64, f64, Vec<String>) {
+    let (_, metrics) = sg.admin_get("/metrics");
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
+    };
+    let fingerprints = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("subguard_config_info{fingerprint=\"")?.split('"').next())
+        .map(str::to_owned)
+        .collect();
+    (
+        value("subguard_config_last_reload_successful"),
+        value("subguard_config_last_reload_success_timestamp_seconds"),
+        fingerprints,
+    )
+}
+
+/// Waits until `subguard_config_last_reload_successful` is `want`.
+fn wait_reload_successful(sg: &Subguard, want: f64, what: &str) -> (f64, f64, Vec<String>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let gauges = config_gauges(sg);
+        if gauges.0 == want {
+            return gauges;
+        }
+        assert!(Instant::now() < deadline, "{what}: config_last_reload_successful stayed {}", gauges.0);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn the_config_metrics_say_whether_the_last_version_was_applied_and_which_one_serves() {
+    let sg = Subguard::start(CONFIG, USERS);
+    let unix_now =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let (ok, started, first) = config_gauges(&sg);
+    assert_eq!(ok, 1.0, "the version started with counts as applied");
+    assert!((unix_now() - 60.0..=unix_now()).contains(&started), "applied at start: {started}");
+    assert_eq!(first.len(), 1, "one series, the version serving: {first:?}");
+    assert_eq!(first[0].len(), 16, "{first:?}");
+
+    // A refused version: the alert condition holds until a valid version is applied, and the
+    // version serving (and when it was applied) is still the first.
+    let invalid =
+        format!("{CONFIG}{GLOBEX}").replace("  header: x-tenant-id", "  header: x-tenant-id\n  hots: x");
+    sg.dir.write_config(&invalid);
+    sg.signal("HUP");
+    let (_, at, serving) = wait_reload_successful(&sg, 0.0, "a refused version");
+    assert_eq!((at, &serving), (started, &first), "the refused version does not serve");
+    // It stays 0: a refusal is not a passing event (the files are still invalid).
+    sg.signal("HUP");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(config_gauges(&sg).0, 0.0, "still refused after another look");
+
+    // A valid new version.
+    sg.dir.write_config(&format!("{CONFIG}{GLOBEX}"));
+    sg.signal("HUP");
+    let (_, applied, second) = wait_reload_successful(&sg, 1.0, "a valid version");
+    assert_eq!(second.len(), 1, "the old version's series is gone: {second:?}");
+    assert_ne!(second, first, "another version, another fingerprint");
+    assert!(applied >= started, "applied at its reload: {applied} < {started}");
+
+    // Back to the first files: the same fingerprint as at start, as another sidecar reading the
+    // same files at the same paths would show.
+    sg.dir.write_config(CONFIG);
+    sg.signal("HUP");
+    let deadline = Instant::now() + WAIT;
+    while config_gauges(&sg).2 != first {
+        assert!(Instant::now() < deadline, "the first version's fingerprint never came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[tokio::test]
 async fn a_users_path_turned_to_a_device_or_a_pipe_is_refused_and_reloads_go_on() {
     let sg = Subguard::start(CONFIG, USERS);

@@ -3,8 +3,9 @@
 //!
 //! A new version is loaded and validated fully — files parsed, new issuers' keys fetched — before
 //! one atomic swap of the policy. An invalid version is refused, logged with every error and
-//! counted (`subguard_config_reloads_total{outcome="error"}`); the old one keeps serving. Checks in
-//! flight finish on the policy they started with, so no check fails because of a reload.
+//! counted (`subguard_config_reloads_total{outcome="error"}`; `subguard_config_last_reload_successful`
+//! is 0 until a version is applied); the old one keeps serving. Checks in flight finish on the
+//! policy they started with, so no check fails because of a reload.
 //!
 //! Watching is per folder, not per file: a Kubernetes ConfigMap update replaces the `..data`
 //! symlink in the mounted folder, which a watch on the file itself would never see. Only events
@@ -201,6 +202,11 @@ impl Baseline {
         let fingerprint = fingerprint(&files);
         Baseline { files, fingerprint }
     }
+
+    /// The fingerprint of the files as the sidecar starts with them (`subguard_config_info`).
+    pub fn fingerprint(&self) -> &[u8; 32] {
+        &self.fingerprint
+    }
 }
 
 impl Reloader {
@@ -276,6 +282,7 @@ impl Reloader {
             Ok(()) => {
                 self.key_retry = None;
                 metrics.config_reloaded(true);
+                metrics.config_serving(&now);
                 tracing::info!(trigger, "config reloaded");
             }
             Err(errors) if retrying && keys_only => {

@@ -4,7 +4,7 @@
 //!
 //! `EXAMPLES` classifies every ```yaml block by its page, nearest heading and first line that is
 //! not a comment; a block it does not list, or a listed block that is gone, fails the test, so a
-//! new example can't go untested. Complete configs and users files are validated exactly as
+//! new example can't go untested. Every block must parse as YAML, Envoy's and Kubernetes' too. Complete configs and users files are validated exactly as
 //! written; fragments are placed into a small valid config first. The files a config names
 //! (`from_file` secrets, CA bundles, JWKS files) are created beside it, and its `from_env`
 //! variables set to placeholders.
@@ -283,6 +283,10 @@ fn every_yaml_block_in_the_docs_is_classified() {
         }
         if yaml.iter().filter(|b| same(&b.file, &b.heading, &b.first_line)).count() > 1 {
             problems.push(format!("{block}: shares its heading and first line with another block"));
+        }
+        // Envoy's, Kubernetes' and Prometheus' blocks too: at least they must parse.
+        if let Err(e) = serde_saphyr::from_str::<Value>(&block.text) {
+            problems.push(format!("{block}: not YAML: {e}"));
         }
     }
     for (file, heading, first_line, _) in EXAMPLES {

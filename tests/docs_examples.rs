@@ -4,7 +4,10 @@
 //!
 //! `EXAMPLES` classifies every ```yaml block by its page, nearest heading and first line that is
 //! not a comment; a block it does not list, or a listed block that is gone, fails the test, so a
-//! new example can't go untested. Every block must parse as YAML, Envoy's and Kubernetes' too. Complete configs and users files are validated exactly as
+//! new example can't go untested. Every block must parse as YAML, Envoy's and Kubernetes' too.
+//!
+//! The metrics the pages name must be ones subguard exports, and every exported family must have
+//! its row in docs/operations.md's table. Complete configs and users files are validated exactly as
 //! written; fragments are placed into a small valid config first. The files a config names
 //! (`from_file` secrets, CA bundles, JWKS files) are created beside it, and its `from_env`
 //! variables set to placeholders.
@@ -384,4 +387,87 @@ fn the_refused_example_prints_the_documented_output() {
             shown.line
         );
     }
+}
+
+/// Every `subguard_*` metric a page names (in prose, queries and alert rules) is one subguard
+/// exports, and every family it exports has its row in docs/operations.md's table: a renamed
+/// metric cannot leave a dashboard query or an alert in the docs silently matching nothing.
+#[test]
+fn the_metrics_the_docs_name_are_the_ones_exported() {
+    use std::sync::Arc;
+    use subguard::decision::{Decision, Reason};
+    use subguard::directory::breaker::BreakerState;
+
+    // The registry `serve` exports, with a series in every family (a family without one is not
+    // written out at all).
+    let mut registry = prometheus_client::registry::Registry::default();
+    let m = subguard::telemetry::Metrics::register(&mut registry);
+    let (tenant, issuer): (Arc<str>, Arc<str>) = ("acme".into(), "https://idp.acme.test/".into());
+    m.check_finished(&Decision::deny(Reason::UserNotFound), None, std::time::Duration::from_micros(30));
+    drop(m.check_started());
+    m.check_shed();
+    m.token_cache_lookup(true);
+    m.declare_tenant(&tenant, [&issuer].into_iter());
+    m.directory_lookup(&tenant, "found");
+    m.jwks_fetch(&issuer, true);
+    m.breaker_changed(&tenant, BreakerState::Open);
+    m.config_reloaded(true);
+    m.config_serving(&[0; 32]);
+    m.revocation_lookup("revoked");
+    m.revocation_event("user_deleted", "applied");
+    m.revocation_connected(true);
+    m.revocation_reconnect();
+    let metrics = subguard::telemetry::encode(&registry);
+
+    // Family name -> the sample names it exports.
+    let mut families: Vec<(String, Vec<String>)> = Vec::new();
+    for line in metrics.lines() {
+        let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|l| l.split_once(' ')) else {
+            continue;
+        };
+        let samples = match kind {
+            "counter" => vec![format!("{}_total", name.strip_suffix("_total").unwrap_or(name))],
+            "histogram" => ["", "_bucket", "_sum", "_count"].iter().map(|s| format!("{name}{s}")).collect(),
+            "info" => vec![format!("{name}_info")],
+            _ => vec![name.to_string()],
+        };
+        families.push((name.to_string(), samples));
+    }
+    let exported = |name: &str| families.iter().any(|(_, samples)| samples.iter().any(|s| s == name));
+
+    let mut problems = Vec::new();
+    let mut pages = vec!["README.md".to_string(), "SECURITY.md".to_string()];
+    for entry in std::fs::read_dir(root().join("docs")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".md") {
+            pages.push(format!("docs/{name}"));
+        }
+    }
+    let word = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+    for page in &pages {
+        let text = std::fs::read_to_string(root().join(page)).unwrap();
+        for (at, _) in text.match_indices("subguard_") {
+            let name: String = text[at..].chars().take_while(|&c| word(c)).collect();
+            let before = text[..at].chars().next_back();
+            // Part of a longer identifier (a test's name), a family prefix
+            // (`subguard_revocation_*`) or a recording rule's name
+            // (`tenant:subguard_user_not_found:ratio_rate10m`): not a metric.
+            if before.is_some_and(|c| word(c) || c == ':') || name.ends_with('_') {
+                continue;
+            }
+            if !exported(&name) {
+                let line = text[..at].lines().count();
+                problems.push(format!("{page}:{line}: `{name}` is not a metric subguard exports"));
+            }
+        }
+    }
+    let table = std::fs::read_to_string(root().join("docs/operations.md")).unwrap();
+    for (family, samples) in &families {
+        let row = |s: &String| table.lines().any(|l| l.starts_with(&format!("| `{s}` |")));
+        if !samples.iter().any(row) {
+            problems.push(format!("`{family}` has no row in docs/operations.md's metrics table"));
+        }
+    }
+    assert!(families.len() > 15, "too few families:\n{metrics}");
+    assert!(problems.is_empty(), "{}\n\nexported:\n{families:#?}", problems.join("\n"));
 }

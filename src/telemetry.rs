@@ -153,7 +153,7 @@ const CHECK_BUCKETS: [f64; 14] = [
 
 /// A label value from the config (a tenant, issuer or directory name), shared rather than copied:
 /// counting a check must not allocate.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Name(pub Arc<str>);
 
 impl EncodeLabelValue for Name {

@@ -300,3 +300,63 @@ async fn keys_named_by_the_token_itself_are_never_fetched_or_trusted() {
     assert_eq!(attacker.jwks_requests(), 0, "jku was fetched");
     assert_eq!(attacker.requests("/cert.pem"), 0, "x5u was fetched");
 }
+
+/// `subguard_jwks_keys` and `subguard_jwks_last_success_timestamp_seconds` of tenant acme's
+/// `issuer`, if exported.
+fn key_gauges(sg: &Subguard, issuer: &str) -> (Option<f64>, Option<f64>) {
+    let (_, metrics) = sg.admin_get("/metrics");
+    let labels = format!(r#"{{tenant="acme",issuer="{issuer}"}} "#);
+    let value = |family: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(family)?.strip_prefix(labels.as_str())?.parse::<f64>().ok())
+    };
+    (value("subguard_jwks_keys"), value("subguard_jwks_last_success_timestamp_seconds"))
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+#[tokio::test]
+async fn the_key_metrics_show_each_issuers_keys_and_when_they_were_last_fetched() {
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    idp.stop();
+    let sg = Subguard::start_unready(ConfigDir::with(&jwks_uri_config(&idp, 1), USERS));
+    assert_eq!(key_gauges(&sg, ISS), (Some(0.0), None), "no keys yet, so no time of their fetch");
+
+    idp.start_again();
+    sg.wait_ready(Duration::from_secs(10));
+    let (keys, fetched) = key_gauges(&sg, ISS);
+    let published: Value = serde_json::from_str(&jwks_text("issuer-a.jwks.json")).unwrap();
+    assert_eq!(keys, Some(published["keys"].as_array().unwrap().len() as f64), "RSA, two EC and an OKP key");
+    let fetched = fetched.expect("a timestamp once the keys loaded");
+    assert!((unix_now() - 30.0..=unix_now()).contains(&fetched), "fetched just now: {fetched}");
+
+    // A failed fetch (an unknown kid while the IdP is down) keeps the last good keys and their time.
+    let mut client = sg.client().await;
+    wait_refetch_window(1);
+    idp.stop();
+    let before = idp.jwks_requests();
+    assert_reason(&ask(&mut client, &token("rsa-2")).await, "unknown_key", 401);
+    assert_eq!(idp.jwks_requests(), before, "refused connections never reach the server's count");
+    assert_eq!(key_gauges(&sg, ISS), (keys, Some(fetched)));
+
+    // The next successful fetch moves the time.
+    idp.start_again();
+    wait_refetch_window(1);
+    assert_reason(&ask(&mut client, &token("rsa-2")).await, "unknown_key", 401);
+    let (_, again) = key_gauges(&sg, ISS);
+    assert!(again.is_some_and(|t| t > fetched), "fetched again: {again:?} after {fetched}");
+
+    // A reload that replaces the issuer takes its series away and brings the new one's.
+    let other = "https://idp.other.test/";
+    sg.dir.write_config(&config(other, "jwks_file: keys/issuer-b.jwks.json", 1));
+    sg.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while key_gauges(&sg, ISS) != (None, None) {
+        assert!(Instant::now() < deadline, "the removed issuer's series stayed: {:?}", key_gauges(&sg, ISS));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(key_gauges(&sg, other).0, Some(1.0), "issuer-b's one key");
+}

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod answer;
 pub mod grpc;
 pub mod health;
+pub mod key_metrics;
 pub mod listen;
 pub mod place;
 pub mod reload;
@@ -41,15 +42,21 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(policy: Policy, metrics: Arc<Metrics>, registry: Registry) -> Arc<State> {
-        Arc::new(State {
-            policy: ArcSwap::from_pointee(policy),
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
-            pending_request_bytes: std::sync::atomic::AtomicUsize::new(0),
-            receiving_requests: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            metrics,
-            registry,
-            shutting_down: AtomicBool::new(false),
+    pub fn new(policy: Policy, metrics: Arc<Metrics>, mut registry: Registry) -> Arc<State> {
+        Arc::new_cyclic(|state| {
+            // The issuer-key metrics are read from the serving policy at each scrape.
+            registry
+                .sub_registry_with_prefix("subguard")
+                .register_collector(Box::new(key_metrics::KeyMetrics(state.clone())));
+            State {
+                policy: ArcSwap::from_pointee(policy),
+                in_flight: std::sync::atomic::AtomicUsize::new(0),
+                pending_request_bytes: std::sync::atomic::AtomicUsize::new(0),
+                receiving_requests: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+                metrics,
+                registry,
+                shutting_down: AtomicBool::new(false),
+            }
         })
     }
 

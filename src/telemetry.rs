@@ -63,19 +63,20 @@ pub fn init(format: LogFormat, tracing_settings: Option<&crate::config::TracingS
 
     #[cfg(feature = "otel")]
     let guard = {
-        let (layer, provider) = match tracing_settings.map(otel::provider) {
+        let (layer, provider, failed) = match tracing_settings.map(otel::provider) {
             Some(Ok(p)) => {
                 use opentelemetry::trace::TracerProvider as _;
                 let tracer = p.tracer("subguard");
-                (Some(tracing_opentelemetry::layer().with_tracer(tracer)), Some(p))
+                (Some(tracing_opentelemetry::layer().with_tracer(tracer)), Some(p), None)
             }
-            Some(Err(e)) => {
-                eprintln!("subguard: cannot start OTLP trace export: {e}");
-                (None, None)
-            }
-            None => (None, None),
+            Some(Err(e)) => (None, None, Some(e)),
+            None => (None, None, None),
         };
         registry.with(layer).init();
+        // Logged once the log itself is set up: a JSON line like every other.
+        if let Some(e) = failed {
+            tracing::error!(error = %e, "cannot start OTLP trace export; checks go on without traces");
+        }
         TelemetryGuard { provider }
     };
     #[cfg(not(feature = "otel"))]

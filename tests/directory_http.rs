@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::check::CheckCall;
 use common::directory_server::{Answer, DirectoryServer};
+use common::metrics::value;
 use common::{Algorithm, Outcome, Subguard, TokenBuilder, free_port, now};
 use serde_json::json;
 
@@ -317,13 +318,10 @@ async fn a_cached_user_is_served_stale_while_the_directory_fails() {
     assert!(out.allowed, "within stale_if_error_seconds the cached user is served: {out:#?}");
     assert_eq!(out.header("x-user-id"), Some("u-s"));
     assert!(dir().requests("acme", "stale") >= 2, "the directory was asked again past the TTL");
-    let (_, metrics) = shared().subguard.admin_get("/metrics");
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("subguard_directory_lookups_total{") && l.contains(r#"outcome="stale""#)),
-        "{metrics}"
-    );
+    let metrics = shared().subguard.metrics();
+    let stale =
+        value(&metrics, "subguard_directory_lookups_total", &[("tenant", "acme"), ("outcome", "stale")]);
+    assert!(stale >= 1.0, "{metrics}");
 }
 
 #[tokio::test]
@@ -359,16 +357,12 @@ async fn metrics_count_directory_outcomes() {
     ask_sub("m-found").await;
     ask_sub("m-missing").await;
     ask_sub("m-error").await;
-    let (status, metrics) = shared().subguard.admin_get("/metrics");
-    assert_eq!(status, 200);
-    let lines: Vec<&str> =
-        metrics.lines().filter(|l| l.starts_with("subguard_directory_lookups_total{")).collect();
+    let metrics = shared().subguard.metrics();
     for outcome in ["found", "not_found", "error", "cache_hit"] {
         assert!(
-            lines
-                .iter()
-                .any(|l| l.contains(&format!(r#"outcome="{outcome}""#)) && l.contains(r#"tenant="acme""#)),
-            "no {outcome} lookups counted: {lines:#?}"
+            value(&metrics, "subguard_directory_lookups_total", &[("tenant", "acme"), ("outcome", outcome)])
+                >= 1.0,
+            "no {outcome} lookups counted:\n{metrics}"
         );
     }
 }

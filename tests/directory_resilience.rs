@@ -62,11 +62,9 @@ fn assert_unavailable(out: &Outcome) {
     assert_reason(out, "directory_unavailable", 503);
 }
 
-/// The value of one sample of `/metrics` (the whole line up to the value, labels included).
-fn sample(sg: &Subguard, series: &str) -> Option<f64> {
-    let (status, metrics) = sg.admin_get("/metrics");
-    assert_eq!(status, 200);
-    metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+/// The default directory's `subguard_directory_breaker_state`, if exported.
+fn breaker_state(sg: &Subguard) -> Option<f64> {
+    common::metrics::sample(&sg.metrics(), "subguard_directory_breaker_state", &[("directory", "default")])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,7 +295,6 @@ tenants:{acme}
     );
     let sg = Subguard::start(&config, "");
     let mut client = sg.client().await;
-    let state = r#"subguard_directory_breaker_state{directory="default"}"#;
 
     // Three failed lookups of three different users: each reached the directory.
     for i in 1..=3 {
@@ -305,7 +302,7 @@ tenants:{acme}
         assert_eq!(directory.total_requests(), i, "lookup {i} reached the directory");
     }
     // The breaker is open: lookups fail at once, and the directory is left alone.
-    assert_eq!(sample(&sg, state), Some(1.0), "open");
+    assert_eq!(breaker_state(&sg), Some(1.0), "open");
     for i in 1..=3 {
         assert_unavailable(&ask_with(&mut client, "acme", &format!("while-open-{i}")).await);
     }
@@ -327,7 +324,7 @@ tenants:{acme}
     assert_eq!(directory.total_requests(), 4, "exactly one probe");
     assert_unavailable(&ask_with(&mut client, "acme", "after-failed-probe").await);
     assert_eq!(directory.total_requests(), 4, "the failed probe re-opened the breaker");
-    assert_eq!(sample(&sg, state), Some(1.0));
+    assert_eq!(breaker_state(&sg), Some(1.0));
 
     // The directory recovers: after the cool-down one probe succeeds and closes the breaker.
     directory.set_default(Answer::user(json!({"id": "u-back"})));
@@ -342,7 +339,7 @@ tenants:{acme}
     };
     assert!(out.allowed, "the breaker never closed after the directory recovered: {out:#?}");
     assert_eq!(out.header("x-user-id"), Some("u-back"));
-    assert_eq!(sample(&sg, state), Some(0.0), "closed");
+    assert_eq!(breaker_state(&sg), Some(0.0), "closed");
     assert_eq!(directory.requests("acme", "recovered"), 1, "one successful probe");
 
     // Closed: lookups reach the directory again.

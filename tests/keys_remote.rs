@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::check::CheckCall;
+use common::metrics::sample;
 use common::{Algorithm, CheckClient, ConfigDir, JwksServer, Outcome, Subguard, TokenBuilder, jwks_text};
 use serde_json::{Value, json};
 
@@ -304,14 +305,12 @@ async fn keys_named_by_the_token_itself_are_never_fetched_or_trusted() {
 /// `subguard_jwks_keys` and `subguard_jwks_last_success_timestamp_seconds` of tenant acme's
 /// `issuer`, if exported.
 fn key_gauges(sg: &Subguard, issuer: &str) -> (Option<f64>, Option<f64>) {
-    let (_, metrics) = sg.admin_get("/metrics");
-    let labels = format!(r#"{{tenant="acme",issuer="{issuer}"}} "#);
-    let value = |family: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(family)?.strip_prefix(labels.as_str())?.parse::<f64>().ok())
-    };
-    (value("subguard_jwks_keys"), value("subguard_jwks_last_success_timestamp_seconds"))
+    let metrics = sg.metrics();
+    let labels = [("tenant", "acme"), ("issuer", issuer)];
+    (
+        sample(&metrics, "subguard_jwks_keys", &labels),
+        sample(&metrics, "subguard_jwks_last_success_timestamp_seconds", &labels),
+    )
 }
 
 fn unix_now() -> f64 {

@@ -118,13 +118,8 @@ async fn checks_beyond_the_limit_are_refused_at_once_and_counted() {
     assert!(shed >= 1, "checks beyond the limit are refused: allowed {allowed}, shed {shed}");
     assert_eq!(allowed + shed, 8);
     assert!(directory.total_requests() <= allowed, "refused checks never reached the directory");
-    let (_, metrics) = sg.admin_get("/metrics");
-    let counted: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("subguard_checks_shed_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
-    assert_eq!(counted, shed as f64, "{metrics}");
+    let metrics = sg.metrics();
+    assert_eq!(common::metrics::value(&metrics, "subguard_checks_shed_total", &[]), shed as f64, "{metrics}");
 
     // Once the load is gone, checks are decided again.
     let token = token("later");

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::check::CheckCall;
 use common::directory_server::{Answer, DirectoryServer};
 use common::envoy::{EnvoyBuilder, shipped_config};
+use common::metrics::{samples, value};
 use common::{Algorithm, CheckClient, ConfigDir, JwksServer, Subguard, TokenBuilder, Upstream, jwks_text};
 use serde_json::json;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -251,46 +252,6 @@ async fn readiness_goes_down_during_the_grace_period() {
 
 // ---------------------------------------------------------------------------------------------
 // /metrics
-
-/// One sample of the Prometheus text: its labels and value.
-#[derive(Debug)]
-struct Sample {
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Every sample of the family `name` (exactly: `name{...} v` or `name v`).
-fn samples(metrics: &str, name: &str) -> Vec<Sample> {
-    metrics
-        .lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix(name)?;
-            let (labels, value) = match rest.strip_prefix('{') {
-                Some(r) => {
-                    let (labels, value) = r.split_once("} ")?;
-                    (labels, value)
-                }
-                None => ("", rest.strip_prefix(' ')?),
-            };
-            let labels = labels
-                .split(',')
-                .filter(|kv| !kv.is_empty())
-                .filter_map(|kv| {
-                    let (k, v) = kv.split_once('=')?;
-                    Some((k.to_string(), v.trim_matches('"').to_string()))
-                })
-                .collect();
-            Some(Sample { labels, value: value.split_whitespace().next()?.parse().ok()? })
-        })
-        .collect()
-}
-
-/// The value of the sample of `name` with exactly these labels (0 when absent).
-fn value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let wanted: BTreeMap<String, String> =
-        labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    samples(metrics, name).into_iter().find(|s| s.labels == wanted).map(|s| s.value).unwrap_or(0.0)
-}
 
 #[tokio::test]
 async fn metrics_count_exactly_the_checks_sent_and_never_label_raw_input() {

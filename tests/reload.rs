@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::check::CheckCall;
 use common::directory_server::{Answer, DirectoryServer};
 use common::jwks_server::JwksServer;
+use common::metrics::{sample, samples, value};
 use common::{Algorithm, CheckClient, ConfigDir, Outcome, Subguard, TokenBuilder};
 use serde_json::json;
 
@@ -85,12 +86,7 @@ fn reason(out: &Outcome) -> Option<&str> {
 
 /// Sum of every `subguard_config_reloads_total` sample.
 fn reloads_counted(sg: &Subguard) -> f64 {
-    let (_, metrics) = sg.admin_get("/metrics");
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("subguard_config_reloads_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    samples(&sg.metrics(), "subguard_config_reloads_total").iter().map(|s| s.value).sum()
 }
 
 #[tokio::test]
@@ -181,15 +177,7 @@ async fn a_version_refused_for_unreachable_keys_is_tried_again_by_itself() {
     idp.set_status(500);
     let sg = Subguard::start(CONFIG, USERS);
     let mut client = sg.client().await;
-    let errors = || {
-        let (_, metrics) = sg.admin_get("/metrics");
-        metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(r#"subguard_config_reloads_total{outcome="error"} "#)?.parse::<f64>().ok()
-            })
-            .unwrap_or(0.0)
-    };
+    let errors = || value(&sg.metrics(), "subguard_config_reloads_total", &[("outcome", "error")]);
     let with_globex =
         GLOBEX.replace("jwks_file: keys/issuer-b.jwks.json", &format!("jwks_uri: \"{}\"", idp.jwks_uri()));
     sg.dir.write_config(&format!("{CONFIG}{with_globex}"));
@@ -268,17 +256,11 @@ async fn an_invalid_config_is_refused_logged_counted_and_the_old_one_keeps_servi
 /// `subguard_config_last_reload_successful`, `subguard_config_last_reload_success_timestamp_seconds`
 /// and the fingerprints of `subguard_config_info`'s series.
 fn config_gauges(sg: &Subguard) -> (f64, f64, Vec<String>) {
-    let (_, metrics) = sg.admin_get("/metrics");
-    let value = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
-    };
-    let fingerprints = metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("subguard_config_info{fingerprint=\"")?.split('"').next())
-        .map(str::to_owned)
+    let metrics = sg.metrics();
+    let value = |name: &str| sample(&metrics, name, &[]).unwrap_or_else(|| panic!("no {name}:\n{metrics}"));
+    let fingerprints = samples(&metrics, "subguard_config_info")
+        .into_iter()
+        .filter_map(|s| s.labels.get("fingerprint").cloned())
         .collect();
     (
         value("subguard_config_last_reload_successful"),

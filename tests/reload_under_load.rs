@@ -67,9 +67,7 @@ fn rewrite_in_place(root: &Path, config: &str, users: &str) {
 }
 
 fn reloads(sg: &Subguard, outcome: &str) -> f64 {
-    let (_, metrics) = sg.admin_get("/metrics");
-    let prefix = format!("subguard_config_reloads_total{{outcome=\"{outcome}\"}} ");
-    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+    common::metrics::value(&sg.metrics(), "subguard_config_reloads_total", &[("outcome", outcome)])
 }
 
 async fn reason(client: &mut CheckClient, sub: &str) -> String {

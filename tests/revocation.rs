@@ -194,13 +194,9 @@ async fn assert_all_allowed(sidecars: &[&Subguard], tenant: &str, token: &str) {
     }
 }
 
-/// The value of one metric line (`name{labels}`), 0 when absent.
-fn metric(sidecar: &Subguard, name_and_labels: &str) -> f64 {
-    let (status, text) = sidecar.admin_get("/metrics");
-    assert_eq!(status, 200);
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or(0.0)
+/// The value of `name` with exactly these labels, 0 when absent.
+fn metric(sidecar: &Subguard, name: &str, labels: &[(&str, &str)]) -> f64 {
+    common::metrics::value(&sidecar.metrics(), name, labels)
 }
 
 const WITHIN: Duration = Duration::from_secs(1);
@@ -208,7 +204,7 @@ const WITHIN: Duration = Duration::from_secs(1);
 /// Waits until `subguard_revocation_redis_connected` reads `up` (1 or 0).
 async fn wait_connected(s: &Subguard, up: f64, within: Duration) {
     let deadline = Instant::now() + within;
-    while metric(s, "subguard_revocation_redis_connected ") != up {
+    while metric(s, "subguard_revocation_redis_connected", &[]) != up {
         assert!(
             Instant::now() < deadline,
             "redis_connected did not become {up} within {within:?}:\n{}",
@@ -273,7 +269,11 @@ async fn an_event_for_one_tenant_never_touches_another() {
     // globex is not a tenant of these sidecars: counted as ignored.
     for s in f.sidecars() {
         assert!(
-            metric(s, r#"subguard_revocation_events_total{type="user.disabled",outcome="ignored"}"#) >= 1.0
+            metric(
+                s,
+                "subguard_revocation_events_total",
+                &[("type", "user.disabled"), ("outcome", "ignored")]
+            ) >= 1.0
         );
     }
 }
@@ -353,7 +353,7 @@ async fn a_jti_stored_by_an_identity_service_without_an_event_is_denied() {
     ]);
     for s in f.sidecars() {
         assert_denied(&ask(s, "acme", &t).await, "token_revoked", 401);
-        assert!(metric(s, r#"subguard_revocation_lookups_total{outcome="revoked"}"#) >= 1.0);
+        assert!(metric(s, "subguard_revocation_lookups_total", &[("outcome", "revoked")]) >= 1.0);
     }
 }
 
@@ -363,7 +363,9 @@ async fn garbage_on_the_channel_is_counted_and_ignored() {
     let before: Vec<f64> = f
         .sidecars()
         .iter()
-        .map(|s| metric(s, r#"subguard_revocation_events_total{type="invalid",outcome="invalid"}"#))
+        .map(|s| {
+            metric(s, "subguard_revocation_events_total", &[("type", "invalid"), ("outcome", "invalid")])
+        })
         .collect();
     let huge = format!(r#"{{"type":"user.deleted","tenant":"acme","sub":"{}"}}"#, "x".repeat(20_000));
     for garbage in [
@@ -383,7 +385,8 @@ async fn garbage_on_the_channel_is_counted_and_ignored() {
     f.redis.publish(CHANNEL, r#"{"type":"user.deleted","tenant":"acme","sub":"after-garbage"}"#);
     until_denied(&f.sidecars(), "acme", &t, "user_not_found", WITHIN).await;
     for (s, before) in f.sidecars().iter().zip(before) {
-        let after = metric(s, r#"subguard_revocation_events_total{type="invalid",outcome="invalid"}"#);
+        let after =
+            metric(s, "subguard_revocation_events_total", &[("type", "invalid"), ("outcome", "invalid")]);
         assert!(after - before >= 6.0, "invalid events counted {before} -> {after}");
     }
 }
@@ -403,7 +406,7 @@ async fn redis_outage_keeps_valid_users_working_and_recovery_restores_events() {
     assert_eq!(f.cli(&["revoke", "--jti", "revoked-before", "--exp", &exp.to_string()]).0, 0);
     until_denied(&f.sidecars(), "acme", &revoked, "token_revoked", WITHIN).await;
     for s in f.sidecars() {
-        assert_eq!(metric(s, "subguard_revocation_redis_connected "), 1.0);
+        assert_eq!(metric(s, "subguard_revocation_redis_connected", &[]), 1.0);
     }
 
     f.redis.kill();
@@ -450,7 +453,7 @@ async fn redis_outage_keeps_valid_users_working_and_recovery_restores_events() {
     f.redis.publish(CHANNEL, r#"{"type":"user.deleted","tenant":"acme","sub":"alice"}"#);
     until_denied(&f.sidecars(), "acme", &plain, "user_not_found", WITHIN).await;
     for s in f.sidecars() {
-        assert!(metric(s, "subguard_revocation_reconnects_total ") >= 1.0);
+        assert!(metric(s, "subguard_revocation_reconnects_total", &[]) >= 1.0);
     }
 }
 
@@ -645,7 +648,7 @@ async fn least_privilege_acl_users_from_the_docs_work() {
     let exp = now() + 300;
     let t = token("acl-user").claim("jti", json!("acl-jti")).claim("exp", json!(exp)).build();
     assert!(ask(&s, "acme", &t).await.allowed);
-    assert!(metric(&s, r#"subguard_revocation_lookups_total{outcome="not_revoked"}"#) >= 1.0);
+    assert!(metric(&s, "subguard_revocation_lookups_total", &[("outcome", "not_revoked")]) >= 1.0);
     // The publisher's config names the other user.
     let publisher = common::ConfigDir::with(
         &config(
@@ -857,7 +860,7 @@ async fn tls_redis_is_verified_against_ca_file() {
         assert!(Instant::now() < deadline, "no certificate failure logged:\n{}", untrusted.logs().join("\n"));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(metric(&untrusted, "subguard_revocation_redis_connected "), 0.0);
+    assert_eq!(metric(&untrusted, "subguard_revocation_redis_connected", &[]), 0.0);
     // Fail-open: it serves on what it knows, which is not the revocation it never saw.
     let t2 = token("tls-user").claim("jti", json!("other-jti")).build();
     assert!(ask(&untrusted, "acme", &t2).await.allowed);

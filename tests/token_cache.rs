@@ -37,9 +37,9 @@ tenants:
 }
 
 fn token_cache_count(sg: &Subguard, outcome: &str) -> f64 {
-    let (_, metrics) = sg.admin_get("/metrics");
-    let prefix = format!("subguard_token_cache_lookups_total{{outcome=\"{outcome}\"}} ");
-    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(-1.0)
+    let metrics = sg.metrics();
+    common::metrics::sample(&metrics, "subguard_token_cache_lookups_total", &[("outcome", outcome)])
+        .unwrap_or_else(|| panic!("no token cache {outcome} series:\n{metrics}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -10,6 +10,7 @@ pub mod directory_server;
 pub mod envoy;
 pub mod http_fixture;
 pub mod jwks_server;
+pub mod metrics;
 pub mod redis_server;
 pub mod subguard;
 pub mod tokens;

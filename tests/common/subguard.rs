@@ -276,6 +276,13 @@ impl Subguard {
     }
 
     /// A new gRPC client on this subguard (one per test: clients belong to a test's runtime).
+    /// `GET /metrics` on the admin listener, which must answer 200.
+    pub fn metrics(&self) -> String {
+        let (status, text) = self.admin_get("/metrics");
+        assert_eq!(status, 200, "/metrics answered {status}: {text}");
+        text
+    }
+
     pub async fn client(&self) -> CheckClient {
         match &self.grpc {
             GrpcTarget::Tcp(addr) => CheckClient::connect_tcp(*addr).await,

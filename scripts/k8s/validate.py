@@ -7,15 +7,19 @@ No cluster is needed. For every kustomization under k8s/ (base and overlays):
 2. validate every rendered core object against Kubernetes' OpenAPI schemas in strict mode (unknown
    fields are errors), for the oldest Kubernetes the manifests support and the newest the tool knows
    (PyPI kubernetes-validate, schemas shipped in the package);
-3. validate every Istio object against Istio's CRD schemas, unknown fields included (npm
-   @kubernetes-models/istio, driven by istio.mjs beside this file);
+3. validate every custom resource against its CRD schema, unknown fields included: Istio's objects
+   (npm @kubernetes-models/istio) and the Prometheus Operator's PodMonitor and PrometheusRule (npm
+   @kubernetes-models/prometheus-operator), driven by crds.mjs beside this file;
 4. check what schemas cannot: every Envoy bootstrap in a ConfigMap loads in Envoy
    (`envoy --mode validate`), every subguard config in a ConfigMap passes `subguard validate`, and
    the pods running subguard are wired and hardened as docs/deploy.md says (socket shared with
    Envoy, probes on the admin port, grace period above preStop sleep + shutdown_grace_seconds,
-   non-root, read-only root filesystem, no capabilities, seccomp, resources);
+   non-root, read-only root filesystem, no capabilities, seccomp, resources, the pod label the
+   PodMonitor selects); every PodMonitor selects exactly the rendered pods that run subguard, on
+   the subguard container's admin port;
 5. check that the copies kustomize needs (Envoy configs, overlay configs, the Istio injection
-   template) have not drifted from what they copy.
+   template) have not drifted from what they copy, and that every PrometheusRule's groups are the
+   alerting rules of docs/operations.md.
 
 Then it runs the same checks on k8s/testdata/broken/, where every file or folder must be rejected
 with the message its `# expect:` line names: proof that the checks can fail.
@@ -65,8 +69,17 @@ CONFIG_VARIANTS = {
 }
 SIDECAR_PATCH = "k8s/components/subguard-sidecar/subguard-container.yaml"
 ISTIO_OPERATOR = "k8s/overlays/istio/istio-operator.yaml"
+# The label on every pod that runs subguard (put there by SIDECAR_PATCH and by the Istio injection
+# template), by which the PodMonitor of components/subguard-monitoring selects the pods to scrape.
+SUBGUARD_POD_LABEL = ("subguard.io/sidecar", "enabled")
+# The PrometheusRule's spec.groups copy the alerting rules of docs/operations.md: the ```yaml block
+# starting `groups:` in this section.
+PROMETHEUS_RULE = "k8s/components/subguard-monitoring/prometheusrule.yaml"
+RULES_DOC = "docs/operations.md"
+RULES_SECTION = "Queries and alerts"
 
-ISTIO_GROUP = re.compile(r"^[a-z0-9.-]+\.istio\.io/")
+# Custom resources, validated by crds.mjs against the schemas of the npm package for their group.
+CRD_GROUP = re.compile(r"^([a-z0-9.-]+\.istio\.io|monitoring\.coreos\.com)/")
 
 # The part of an IstioOperator these manifests use, closed to unknown keys where it is ours. The
 # @kubernetes-models package has no schema for IstioOperator's spec (the CRD leaves it open), and
@@ -236,15 +249,15 @@ def validate_core(docs: list[Doc]) -> list[str]:
     return problems
 
 
-def validate_istio(tools: Tools, docs: list[Doc]) -> list[str]:
+def validate_crds(tools: Tools, docs: list[Doc]) -> list[str]:
     if not docs:
         return []
     payload = json.dumps([{"source": d.source, "object": d.obj} for d in docs])
-    proc = subprocess.run(["node", str(ROOT / "scripts" / "k8s" / "istio.mjs"), str(tools.node_modules)],
+    proc = subprocess.run(["node", str(ROOT / "scripts" / "k8s" / "crds.mjs"), str(tools.node_modules)],
                           input=payload, capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode != 0 and not lines:
-        lines = [f"istio.mjs failed: {proc.stderr.strip()}"]
+        lines = [f"crds.mjs failed: {proc.stderr.strip()}"]
     return lines
 
 
@@ -446,13 +459,227 @@ def check_pod(where: str, pod_spec: dict, configmaps: dict[str, dict], istio: bo
     return problems
 
 
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
+
+
+def pod_template(doc: Doc) -> dict:
+    return (doc.obj.get("spec") or {}).get("template") or {}
+
+
+def subguard_container(pod_spec: dict) -> dict | None:
+    return next((c for c in pod_spec.get("containers") or [] if c.get("name") == "subguard"), None)
+
+
 def check_workloads(docs: list[Doc]) -> list[str]:
     configmaps = {d.obj["metadata"]["name"]: d.obj for d in docs if d.obj.get("kind") == "ConfigMap"}
     problems = []
     for doc in docs:
-        if doc.obj.get("kind") in ("Deployment", "StatefulSet", "DaemonSet"):
-            pod = (doc.obj.get("spec") or {}).get("template", {}).get("spec") or {}
+        if doc.obj.get("kind") in WORKLOAD_KINDS:
+            template = pod_template(doc)
+            pod = template.get("spec") or {}
             problems += check_pod(doc.id, pod, configmaps)
+            labels = (template.get("metadata") or {}).get("labels") or {}
+            key, value = SUBGUARD_POD_LABEL
+            if subguard_container(pod) is not None and labels.get(key) != value:
+                problems.append(f"{doc.id}: its pods run subguard but lack the label {key}: {value} "
+                                "(components/subguard-sidecar puts it there; the PodMonitor of "
+                                "components/subguard-monitoring selects the pods to scrape by it)")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Prometheus Operator: the PodMonitor scrapes the pods running subguard, the PrometheusRule carries
+# the rules of docs/operations.md
+
+
+def selector_matches(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against a set of labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e.get("key"), e.get("operator"), e.get("values") or []
+        if ((op == "In" and labels.get(key) not in values)
+                or (op == "NotIn" and key in labels and labels[key] in values)
+                or (op == "Exists" and key not in labels)
+                or (op == "DoesNotExist" and key in labels)):
+            return False
+    return True
+
+
+def monitor_sees_namespace(monitor: dict, namespace: str | None) -> bool:
+    """Whether a PodMonitor looks in `namespace`: its own unless its namespaceSelector says otherwise."""
+    ns_selector = (monitor.get("spec") or {}).get("namespaceSelector") or {}
+    if ns_selector.get("any"):
+        return True
+    if ns_selector.get("matchNames"):
+        return namespace in ns_selector["matchNames"]
+    return namespace == (monitor.get("metadata") or {}).get("namespace")
+
+
+def admin_port(pod_spec: dict, configmaps: dict[str, dict]) -> int | None:
+    """The port of subguard's admin listener (/metrics), from the config its pod mounts."""
+    subguard = subguard_container(pod_spec) or {}
+    volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+    mount = next((m for m in subguard.get("volumeMounts") or [] if m.get("mountPath") == "/etc/subguard"), None)
+    cm_name = (((volumes.get(mount["name"]) or {}).get("configMap") or {}).get("name")) if mount else None
+    data = (configmaps.get(cm_name) or {}).get("data") or {}
+    if "config.yaml" not in data:
+        return None
+    admin = str((yaml.safe_load(data["config.yaml"]).get("listen") or {}).get("admin", "127.0.0.1:9192"))
+    return int(admin.rsplit(":", 1)[1]) if ":" in admin else None
+
+
+def check_pod_monitors(docs: list[Doc]) -> list[str]:
+    """Every PodMonitor selects exactly the rendered pods that run subguard, on subguard's admin port."""
+    configmaps = {d.obj["metadata"]["name"]: d.obj for d in docs if d.obj.get("kind") == "ConfigMap"}
+    workloads = [d for d in docs if d.obj.get("kind") in WORKLOAD_KINDS]
+    problems = []
+    for pm in (d for d in docs if d.obj.get("kind") == "PodMonitor"):
+        spec = pm.obj.get("spec") or {}
+        selector = spec.get("selector") or {}
+        visible = [d for d in workloads
+                   if monitor_sees_namespace(pm.obj, (d.obj.get("metadata") or {}).get("namespace"))]
+        running = [d for d in visible if subguard_container(pod_template(d).get("spec") or {}) is not None]
+        selected = [d for d in visible
+                    if selector_matches(selector, (pod_template(d).get("metadata") or {}).get("labels") or {})]
+        if not running:
+            problems.append(f"{pm.id}: no rendered workload in its namespace runs subguard: nothing to scrape")
+        for d in running:
+            if d not in selected:
+                labels = (pod_template(d).get("metadata") or {}).get("labels") or {}
+                problems.append(f"{pm.id}: selector {json.dumps(selector, sort_keys=True)} does not select the "
+                                f"pods of {d.id}, which run subguard (pod labels {json.dumps(labels, sort_keys=True)})")
+        for d in selected:
+            if d not in running:
+                problems.append(f"{pm.id}: selects the pods of {d.id}, which do not run subguard")
+        endpoints = spec.get("podMetricsEndpoints") or []
+        if not endpoints:
+            problems.append(f"{pm.id}: no podMetricsEndpoints")
+        for i, ep in enumerate(endpoints):
+            where = f"{pm.id}: podMetricsEndpoints[{i}]"
+            if ep.get("path", "/metrics") != "/metrics":
+                problems.append(f"{where}: path {ep.get('path')!r}, but subguard serves its metrics at /metrics")
+            port = ep.get("port")
+            if not port:
+                problems.append(f"{where}: must name the subguard container's admin port in `port` (subguard-admin)")
+                continue
+            for d in running:
+                if d not in selected:
+                    continue
+                pod = pod_template(d).get("spec") or {}
+                subguard = subguard_container(pod)
+                names = [p.get("name") for p in subguard.get("ports") or []]
+                if port not in names:
+                    problems.append(f"{where}: port {port!r} is not a port of the subguard container of {d.id} "
+                                    f"(its ports: {names}): Prometheus would find no target")
+                    continue
+                number, admin = port_number(subguard, port), admin_port(pod, configmaps)
+                if admin is not None and number != admin:
+                    problems.append(f"{where}: port {port!r} of {d.id} is {number}, but subguard's /metrics is on "
+                                    f"its admin listener, port {admin} (listen.admin)")
+    return problems
+
+
+class RulesDocError(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def documented_rule_groups() -> list:
+    """The alerting rules of docs/operations.md: the ```yaml block starting `groups:` in RULES_SECTION."""
+    section_level = None
+    blocks: list[str] = []
+    current: list[str] | None = None
+    in_fence = False
+    for line in (ROOT / RULES_DOC).read_text().splitlines(keepends=True):
+        if line.startswith("```"):
+            if not in_fence:
+                in_fence = True
+                current = [] if section_level is not None and line[3:].strip() in ("yaml", "yml") else None
+            else:
+                in_fence = False
+                if current is not None:
+                    blocks.append("".join(current))
+                current = None
+            continue
+        if in_fence:
+            if current is not None:
+                current.append(line)
+            continue
+        m = re.match(r"(#+) (.*?)\s*$", line)
+        if m:
+            if section_level is not None and len(m.group(1)) <= section_level:
+                break
+            if m.group(2) == RULES_SECTION:
+                section_level = len(m.group(1))
+    if section_level is None:
+        raise RulesDocError(f"{RULES_DOC}: no section {RULES_SECTION!r}, where the alerting rules should be")
+    rules = [b for b in blocks if b.startswith("groups:")]
+    if len(rules) != 1:
+        raise RulesDocError(f"{RULES_DOC}: section {RULES_SECTION!r} has {len(rules)} ```yaml blocks starting "
+                            "`groups:`, expected exactly one (the alerting rules)")
+    data = yaml.safe_load(rules[0])
+    if not isinstance(data, dict) or list(data) != ["groups"] or not isinstance(data["groups"], list):
+        raise RulesDocError(f"{RULES_DOC}: the alerting rules block must be a mapping with the one key `groups`")
+    return data["groups"]
+
+
+_MISSING = object()
+
+
+def first_difference(a, b, path: str = ""):
+    """The first place where two parsed YAML values differ, as (path, a's value, b's value), or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            found = first_difference(a.get(k, _MISSING), b.get(k, _MISSING), f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        for i in range(max(len(a), len(b))):
+            x = a[i] if i < len(a) else _MISSING
+            y = b[i] if i < len(b) else _MISSING
+            named = next((v for v in (x, y) if isinstance(v, dict)), {})
+            name = named.get("alert") or named.get("record") or named.get("name")
+            found = first_difference(x, y, f"{path}[{i}]" + (f" ({name})" if name else ""))
+            if found:
+                return found
+        return None
+    return None if a == b and type(a) is type(b) else (path or "(top)", a, b)
+
+
+def rules_difference(where: str, groups) -> list[str]:
+    """A problem when `groups` (a PrometheusRule's spec.groups) are not the rules of docs/operations.md."""
+    try:
+        documented = documented_rule_groups()
+    except RulesDocError as e:
+        return [f"{where}: cannot compare with the documented rules: {e}"]
+    found = first_difference(groups, documented, "groups")
+    if found is None:
+        return []
+
+    def show(v) -> str:
+        text = "(missing)" if v is _MISSING else json.dumps(v)
+        return text if len(text) <= 90 else text[:87] + "..."
+
+    path, here, there = found
+    if isinstance(here, str) and isinstance(there, str):
+        # A multi-line expr: show the first line that differs.
+        a, b = here.splitlines(), there.splitlines()
+        n = next((i for i in range(max(len(a), len(b))) if a[i:i + 1] != b[i:i + 1]), None)
+        if n is not None and max(len(a), len(b)) > 1:
+            path = f"{path}, line {n + 1}"
+            here, there = (a[n] if n < len(a) else _MISSING), (b[n] if n < len(b) else _MISSING)
+    return [f"{where}: spec.groups differ from the alerting rules of {RULES_DOC} (section {RULES_SECTION!r}) "
+            f"at {path}: {show(here)} here, {show(there)} in {RULES_DOC}. The docs are the source: copy their "
+            f"`groups:` block into {PROMETHEUS_RULE} (under `spec:`)"]
+
+
+def check_prometheus_rules(docs: list[Doc]) -> list[str]:
+    problems = []
+    for doc in docs:
+        if doc.obj.get("kind") == "PrometheusRule":
+            problems += rules_difference(doc.id, (doc.obj.get("spec") or {}).get("groups", _MISSING))
     return problems
 
 
@@ -500,6 +727,10 @@ def check_istio(docs: list[Doc], operator: Doc, sidecar_container: dict) -> list
     if "{{" in text:
         return problems + [f"{operator.source}: template `subguard` uses template syntax this check cannot expand"]
     fragment = yaml.safe_load(text)
+    key, value = SUBGUARD_POD_LABEL
+    if ((fragment.get("metadata") or {}).get("labels") or {}).get(key) != value:
+        problems.append(f"{operator.source}: template subguard: the injected pod must carry the label {key}: "
+                        f"{value}, by which the PodMonitor of components/subguard-monitoring selects it")
     pod_spec = copy.deepcopy(fragment["spec"])
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "injected"}, "spec": pod_spec}
     where = f"{operator.source}: template subguard"
@@ -528,6 +759,11 @@ def check_copies() -> list[str]:
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             problems.append(f"{variant} differs from {CONFIG} in {diff}, not only in {list(keys)}")
+    rule = next((d for d in load_file(ROOT / PROMETHEUS_RULE) if d.obj.get("kind") == "PrometheusRule"), None)
+    if rule is None:
+        problems.append(f"{PROMETHEUS_RULE}: no PrometheusRule")
+    else:
+        problems += rules_difference(PROMETHEUS_RULE, (rule.obj.get("spec") or {}).get("groups", _MISSING))
     return problems
 
 
@@ -535,9 +771,10 @@ def check_copies() -> list[str]:
 
 
 def check_docs(tools: Tools, docs: list[Doc]) -> list[str]:
-    istio = [d for d in docs if ISTIO_GROUP.match(str(d.obj.get("apiVersion", "")))]
-    core = [d for d in docs if d not in istio]
-    return validate_core(core) + validate_istio(tools, istio) + check_configmaps(tools, docs) + check_workloads(docs)
+    custom = [d for d in docs if CRD_GROUP.match(str(d.obj.get("apiVersion", "")))]
+    core = [d for d in docs if d not in custom]
+    return (validate_core(core) + validate_crds(tools, custom) + check_configmaps(tools, docs)
+            + check_workloads(docs) + check_pod_monitors(docs) + check_prometheus_rules(docs))
 
 
 def kustomizations() -> list[pathlib.Path]:

@@ -1,31 +1,50 @@
-// Validates Istio objects against Istio's CRD schemas, for scripts/k8s/validate.py.
+// Validates custom resources against their CRD schemas, for scripts/k8s/validate.py: Istio's
+// (`*.istio.io`) and the Prometheus Operator's (`monitoring.coreos.com`).
 //
 // Input (stdin): a JSON list of {"source": "where it came from", "object": {...}}.
 // Output: one line per problem, "source: Kind/name: path: message"; exit status 1 if any.
 //
-// Two checks per object, both from the npm package @kubernetes-models/istio (generated from
-// Istio's CRDs):
+// Each object's API group chooses its npm package (PACKAGES below), and two checks run per object,
+// both from that package:
 //   1. the package's schema validation (types, enums, required fields, patterns), as the API
 //      server validates a custom resource;
 //   2. unknown fields, which that validation lets through (CRD schemas prune them on the server,
 //      and `kubectl apply` rejects them with its default strict field validation). The allowed
 //      fields are read from the package's TypeScript declarations, which list every field of
-//      the CRD schema.
+//      the schema; a declaration this script cannot follow is reported, never passed unchecked.
 //
-// Usage: node istio.mjs NODE_MODULES_DIR < objects.json
+// Usage: node crds.mjs NODE_MODULES_DIR < objects.json
 
 import fs from "node:fs";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 
 const nodeModules = path.resolve(process.argv[2] ?? "node_modules");
-const istioDir = path.join(nodeModules, "@kubernetes-models", "istio");
 const ts = (await import(pathToFileURL(path.join(nodeModules, "typescript", "lib", "typescript.js")))).default;
+
+// The API groups each package describes (pinned in package.json beside this file):
+// @kubernetes-models/istio is generated from Istio's CRDs, @kubernetes-models/prometheus-operator
+// from the Operator's Go API types, which its CRDs are generated from. Both lay their models out
+// as GROUP/VERSION/KIND.js, with KIND.d.ts declaring the interface IKIND.
+const PACKAGES = [
+  { name: "Istio", pkg: "@kubernetes-models/istio", group: (g) => g.endsWith(".istio.io") },
+  {
+    name: "Prometheus Operator",
+    pkg: "@kubernetes-models/prometheus-operator",
+    group: (g) => g === "monitoring.coreos.com",
+  },
+];
+
+function packageFor(apiVersion) {
+  const group = String(apiVersion).split("/")[0];
+  return PACKAGES.find((p) => p.group(group)) ?? null;
+}
 
 function modelFiles(apiVersion, kind) {
   const [group, version] = String(apiVersion).split("/");
-  if (!group?.endsWith(".istio.io") || !version || !/^[A-Za-z]+$/.test(String(kind))) return null;
-  const base = path.join(istioDir, group, version, kind);
+  const pkg = packageFor(apiVersion);
+  if (!pkg || !version || !/^[A-Za-z]+$/.test(String(kind))) return null;
+  const base = path.join(nodeModules, pkg.pkg, group, version, kind);
   return fs.existsSync(`${base}.js`) ? { js: `${base}.js`, dts: `${base}.d.ts` } : null;
 }
 
@@ -40,7 +59,16 @@ function sourceFile(file) {
   return sourceFiles.get(file);
 }
 
-// Finds the declaration of a type name used in `file`: local, or imported from another package file.
+// The .d.ts file a module specifier of `file` names.
+function moduleFile(spec, file) {
+  const target = spec.startsWith(".") ? path.resolve(path.dirname(file), spec) : path.join(nodeModules, spec);
+  const dts = target.replace(/\.js$/, "") + ".d.ts";
+  return fs.existsSync(dts) ? dts : null;
+}
+
+// Finds the declaration of a type name used in `file`: local, exported under another name
+// (`export type { IPodMonitorSpec as IComGithub...PodMonitorSpec }`, as the Prometheus Operator's
+// package does), or imported from another package file.
 function resolveName(name, file) {
   const sf = sourceFile(file);
   for (const st of sf.statements) {
@@ -49,18 +77,23 @@ function resolveName(name, file) {
     }
   }
   for (const st of sf.statements) {
+    if (!ts.isExportDeclaration(st) || !st.exportClause || !ts.isNamedExports(st.exportClause)) continue;
+    for (const el of st.exportClause.elements) {
+      if (el.name.text !== name || !el.propertyName) continue;
+      const local = el.propertyName.text;
+      if (!st.moduleSpecifier) return local === name ? null : resolveName(local, file);
+      const dts = moduleFile(st.moduleSpecifier.text, file);
+      return dts ? resolveName(local, dts) : null;
+    }
+  }
+  for (const st of sf.statements) {
     if (!ts.isImportDeclaration(st) || !st.importClause?.namedBindings) continue;
     const bindings = st.importClause.namedBindings;
     if (!ts.isNamedImports(bindings)) continue;
     for (const el of bindings.elements) {
       if (el.name.text !== name) continue;
-      const spec = st.moduleSpecifier.text;
-      const target = spec.startsWith(".")
-        ? path.resolve(path.dirname(file), spec)
-        : path.join(nodeModules, spec);
-      const dts = target.replace(/\.js$/, "") + ".d.ts";
-      if (!fs.existsSync(dts)) return null;
-      return resolveName((el.propertyName ?? el.name).text, dts);
+      const dts = moduleFile(st.moduleSpecifier.text, file);
+      return dts ? resolveName((el.propertyName ?? el.name).text, dts) : null;
     }
   }
   return null;
@@ -69,7 +102,8 @@ function resolveName(name, file) {
 const propName = (n) => (ts.isStringLiteral(n) || ts.isIdentifier(n) ? n.text : n.getText());
 
 // A type as the walker needs it: {kind: "object", props, index} | {kind: "array", item} |
-// {kind: "union", members} | {kind: "leaf"}.
+// {kind: "union", members} | {kind: "leaf"} | {kind: "unresolved", name} (a reference this
+// walker cannot follow: an object there is reported, not passed unchecked).
 function shape(node, file) {
   if (!node) return { kind: "leaf" };
   if (ts.isParenthesizedTypeNode(node)) return shape(node.type, file);
@@ -88,7 +122,7 @@ function shape(node, file) {
       return { kind: "array", item: () => shape(node.typeArguments[0], file) };
     }
     const found = resolveName(name, file);
-    if (!found) return { kind: "leaf" };
+    if (!found) return { kind: "unresolved", name };
     if (ts.isTypeAliasDeclaration(found.decl)) return shape(found.decl.type, found.file);
     return membersShape(found.decl.members, found.file);
   }
@@ -108,6 +142,11 @@ function membersShape(members, file) {
 // Every field of `value` that `s` does not declare, as "path: unknown field".
 function unknownFields(value, s, where) {
   if (value === null || value === undefined) return [];
+  if (s.kind === "unresolved") {
+    return typeof value === "object"
+      ? [`${where || "(top)"}: cannot check its fields: no declaration of ${s.name} found in the package`]
+      : [];
+  }
   if (s.kind === "union") {
     let best = null;
     for (const member of s.members) {
@@ -142,7 +181,9 @@ for (const { source, object } of input) {
   const id = `${source}: ${object?.kind}/${object?.metadata?.name ?? "?"}`;
   const files = modelFiles(object?.apiVersion, object?.kind);
   if (!files) {
-    problems.push(`${id}: no Istio schema for apiVersion ${object?.apiVersion} kind ${object?.kind}`);
+    const pkg = packageFor(object?.apiVersion);
+    const what = pkg ? `${pkg.name} schema (${pkg.pkg})` : "CRD schema (groups known: *.istio.io, monitoring.coreos.com)";
+    problems.push(`${id}: no ${what} for apiVersion ${object?.apiVersion} kind ${object?.kind}`);
     continue;
   }
   const module = await import(pathToFileURL(files.js));
@@ -150,7 +191,7 @@ for (const { source, object } of input) {
   try {
     new Model(object).validate();
   } catch (e) {
-    problems.push(`${id}: ${String(e.message ?? e).replace(/^data\//, "").replace(/\n/g, "; ")}`);
+    problems.push(`${id}: ${String(e.message ?? e).replace(/(^|, )data\//g, "$1").replace(/\n/g, "; ")}`);
   }
   const iface = resolveName(`I${object.kind}`, files.dts);
   if (!iface) {

@@ -232,6 +232,17 @@ struct BuildLabels {
     version: &'static str,
 }
 
+/// A config version as metrics and logs name it: the first 8 bytes of the watched files'
+/// fingerprint, in hex. Pods reading the same files at the same paths show the same value, so a
+/// fleet's convergence on a new version can be counted, and a log line matched to the metric.
+pub fn config_version(fingerprint: &[u8; 32]) -> String {
+    let mut hex = String::with_capacity(16);
+    for byte in &fingerprint[..8] {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
 /// Every metric family subguard exports (SPEC §4). Label values come from the config and the
 /// fixed reason table only, so a client cannot create series.
 #[derive(Debug)]
@@ -436,18 +447,13 @@ impl Metrics {
     }
 
     /// The version with this fingerprint serves now: at start, and after each applied reload.
-    /// The fingerprint's first 8 bytes, in hex, label `subguard_config_info`: pods with the same
-    /// files show the same value, so a fleet's convergence on a new version can be counted.
+    /// Its [`config_version`] labels `subguard_config_info`.
     pub fn config_serving(&self, fingerprint: &[u8; 32]) {
         self.config_last_reload_ok.set(1);
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         self.config_last_success.set(now.as_secs_f64());
-        let mut hex = String::with_capacity(16);
-        for byte in &fingerprint[..8] {
-            let _ = write!(hex, "{byte:02x}");
-        }
         self.config_info.clear();
-        self.config_info.get_or_create(&ConfigLabels { fingerprint: hex }).set(1);
+        self.config_info.get_or_create(&ConfigLabels { fingerprint: config_version(fingerprint) }).set(1);
     }
 
     pub fn directory_lookup(&self, tenant: &Arc<str>, outcome: &'static str) {

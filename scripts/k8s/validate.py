@@ -251,16 +251,20 @@ def validate_core(docs: list[Doc]) -> list[str]:
     return problems
 
 
-def validate_crds(tools: Tools, docs: list[Doc]) -> list[str]:
-    if not docs:
+def run_node(tools: Tools, script: str, items: list[dict]) -> list[str]:
+    """Runs scripts/k8s/`script` on `items` (JSON on stdin): the problems it prints, one a line."""
+    if not items:
         return []
-    payload = json.dumps([{"source": d.source, "object": d.obj} for d in docs])
-    proc = subprocess.run(["node", str(ROOT / "scripts" / "k8s" / "crds.mjs"), str(tools.node_modules)],
-                          input=payload, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["node", str(ROOT / "scripts" / "k8s" / script), str(tools.node_modules)],
+                          input=json.dumps(items), capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode != 0 and not lines:
-        lines = [f"crds.mjs failed: {proc.stderr.strip()}"]
+        lines = [f"{script} failed: {proc.stderr.strip()}"]
     return lines
+
+
+def validate_crds(tools: Tools, docs: list[Doc]) -> list[str]:
+    return run_node(tools, "crds.mjs", [{"source": d.source, "object": d.obj} for d in docs])
 
 
 def validate_istio_operator(doc: Doc) -> list[str]:
@@ -297,6 +301,10 @@ def subguard_validate(tools: Tools, doc: Doc, data: dict, work: pathlib.Path) ->
         out = " | ".join((proc.stdout + proc.stderr).strip().splitlines())
         return [f"{doc.id}: config.yaml: subguard validate failed: {out}"]
     return []
+
+
+def configmaps_by_name(docs: list[Doc]) -> dict[str, dict]:
+    return {d.obj["metadata"]["name"]: d.obj for d in docs if d.obj.get("kind") == "ConfigMap"}
 
 
 def check_configmaps(tools: Tools, docs: list[Doc]) -> list[str]:
@@ -473,7 +481,7 @@ def subguard_container(pod_spec: dict) -> dict | None:
 
 
 def check_workloads(docs: list[Doc]) -> list[str]:
-    configmaps = {d.obj["metadata"]["name"]: d.obj for d in docs if d.obj.get("kind") == "ConfigMap"}
+    configmaps = configmaps_by_name(docs)
     problems = []
     for doc in docs:
         if doc.obj.get("kind") in WORKLOAD_KINDS:
@@ -533,7 +541,7 @@ def admin_port(pod_spec: dict, configmaps: dict[str, dict]) -> int | None:
 
 def check_pod_monitors(docs: list[Doc]) -> list[str]:
     """Every PodMonitor selects exactly the rendered pods that run subguard, on subguard's admin port."""
-    configmaps = {d.obj["metadata"]["name"]: d.obj for d in docs if d.obj.get("kind") == "ConfigMap"}
+    configmaps = configmaps_by_name(docs)
     workloads = [d for d in docs if d.obj.get("kind") in WORKLOAD_KINDS]
     problems = []
     for pm in (d for d in docs if d.obj.get("kind") == "PodMonitor"):
@@ -586,37 +594,42 @@ class RulesDocError(Exception):
     pass
 
 
+@dataclasses.dataclass
+class Fenced:
+    """A fenced block of a markdown page."""
+    lang: str
+    line: int  # its first line of content, counted from 1
+    sections: tuple[str, ...]  # the titles of the sections it sits in, outermost first
+    text: str
+
+
+def fenced_blocks(page: pathlib.Path) -> list[Fenced]:
+    blocks: list[Fenced] = []
+    trail: list[tuple[int, str]] = []
+    current: Fenced | None = None
+    for n, line in enumerate(page.read_text().splitlines(keepends=True), start=1):
+        if line.startswith("```"):
+            if current is None:
+                current = Fenced(line[3:].strip(), n + 1, tuple(title for _, title in trail), "")
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            current.text += line
+        elif m := re.match(r"(#+) (.*?)\s*$", line):
+            level = len(m.group(1))
+            trail = [(lv, title) for lv, title in trail if lv < level] + [(level, m.group(2))]
+    return blocks
+
+
 @functools.lru_cache(maxsize=None)
 def documented_rule_groups() -> list:
     """The alerting rules of docs/operations.md: the ```yaml block starting `groups:` in RULES_SECTION."""
-    section_level = None
-    blocks: list[str] = []
-    current: list[str] | None = None
-    in_fence = False
-    for line in (ROOT / RULES_DOC).read_text().splitlines(keepends=True):
-        if line.startswith("```"):
-            if not in_fence:
-                in_fence = True
-                current = [] if section_level is not None and line[3:].strip() in ("yaml", "yml") else None
-            else:
-                in_fence = False
-                if current is not None:
-                    blocks.append("".join(current))
-                current = None
-            continue
-        if in_fence:
-            if current is not None:
-                current.append(line)
-            continue
-        m = re.match(r"(#+) (.*?)\s*$", line)
-        if m:
-            if section_level is not None and len(m.group(1)) <= section_level:
-                break
-            if m.group(2) == RULES_SECTION:
-                section_level = len(m.group(1))
-    if section_level is None:
+    page = ROOT / RULES_DOC
+    if not re.search(rf"^#+ {re.escape(RULES_SECTION)}\s*$", page.read_text(), re.MULTILINE):
         raise RulesDocError(f"{RULES_DOC}: no section {RULES_SECTION!r}, where the alerting rules should be")
-    rules = [b for b in blocks if b.startswith("groups:")]
+    rules = [b.text for b in fenced_blocks(page)
+             if RULES_SECTION in b.sections and b.lang in ("yaml", "yml") and b.text.startswith("groups:")]
     if len(rules) != 1:
         raise RulesDocError(f"{RULES_DOC}: section {RULES_SECTION!r} has {len(rules)} ```yaml blocks starting "
                             "`groups:`, expected exactly one (the alerting rules)")
@@ -679,14 +692,7 @@ def rules_difference(where: str, groups) -> list[str]:
 
 def check_promql(tools: Tools, items: list[dict]) -> list[str]:
     """Each {"where", "expr"} parses as PromQL (Prometheus' grammar, driven by promql.mjs)."""
-    if not items:
-        return []
-    proc = subprocess.run(["node", str(ROOT / "scripts" / "k8s" / "promql.mjs"), str(tools.node_modules)],
-                          input=json.dumps(items), capture_output=True, text=True, timeout=120)
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    if proc.returncode != 0 and not lines:
-        lines = [f"promql.mjs failed: {proc.stderr.strip()}"]
-    return lines
+    return run_node(tools, "promql.mjs", items)
 
 
 def rule_expressions(doc: Doc) -> list[dict]:
@@ -706,25 +712,17 @@ def documented_queries() -> list[dict]:
     lines that continue it."""
     items = []
     for page in sorted((ROOT / "docs").glob("*.md")):
-        query: list[str] = []
-        start = 0
-        in_block = False
-        for n, line in enumerate(page.read_text().splitlines() + [""], start=1):
-            if line.startswith("```"):
-                in_block = line.strip() == "```promql" if not in_block else False
-                if not in_block and query:
+        for block in (b for b in fenced_blocks(page) if b.lang == "promql"):
+            query: list[str] = []
+            start = block.line
+            for n, line in enumerate(block.text.splitlines() + [""], start=block.line):
+                if query and (not line.strip() or not line[0].isspace()):
                     items.append({"where": f"{rel(page)}:{start}", "expr": "\n".join(query)})
                     query = []
-                continue
-            if not in_block:
-                continue
-            if query and (not line.strip() or not line[0].isspace()):
-                items.append({"where": f"{rel(page)}:{start}", "expr": "\n".join(query)})
-                query = []
-            if line.strip():
-                if not query:
-                    start = n
-                query.append(line)
+                if line.strip():
+                    if not query:
+                        start = n
+                    query.append(line)
     return items
 
 
@@ -745,7 +743,7 @@ def check_istio(docs: list[Doc], operator: Doc, sidecar_container: dict) -> list
         return problems
     spec = operator.obj["spec"]
     providers = {p["name"]: p for p in spec["meshConfig"]["extensionProviders"]}
-    configmaps = {d.obj["metadata"]["name"]: d.obj for d in docs if d.obj.get("kind") == "ConfigMap"}
+    configmaps = configmaps_by_name(docs)
     by_kind: dict[str, list[Doc]] = {}
     for d in docs:
         by_kind.setdefault(d.obj.get("kind"), []).append(d)

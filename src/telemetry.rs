@@ -235,7 +235,7 @@ struct BuildLabels {
 /// A config version as metrics and logs name it: the first 8 bytes of the watched files'
 /// fingerprint, in hex. Pods reading the same files at the same paths show the same value, so a
 /// fleet's convergence on a new version can be counted, and a log line matched to the metric.
-pub fn config_version(fingerprint: &[u8; 32]) -> String {
+fn config_version(fingerprint: &[u8; 32]) -> String {
     let mut hex = String::with_capacity(16);
     for byte in &fingerprint[..8] {
         let _ = write!(hex, "{byte:02x}");
@@ -447,13 +447,15 @@ impl Metrics {
     }
 
     /// The version with this fingerprint serves now: at start, and after each applied reload.
-    /// Its [`config_version`] labels `subguard_config_info`.
-    pub fn config_serving(&self, fingerprint: &[u8; 32]) {
+    /// Returns its [`config_version`], which labels `subguard_config_info`, for the log line.
+    pub fn config_serving(&self, fingerprint: &[u8; 32]) -> String {
         self.config_last_reload_ok.set(1);
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         self.config_last_success.set(now.as_secs_f64());
+        let version = config_version(fingerprint);
         self.config_info.clear();
-        self.config_info.get_or_create(&ConfigLabels { fingerprint: config_version(fingerprint) }).set(1);
+        self.config_info.get_or_create(&ConfigLabels { fingerprint: version.clone() }).set(1);
+        version
     }
 
     pub fn directory_lookup(&self, tenant: &Arc<str>, outcome: &'static str) {

@@ -145,8 +145,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     // Fingerprinted before anything is built from them: see reload::Baseline.
     let baseline = reload::Baseline::take(&config);
     let policy = Policy::build(config, metrics.clone()).map_err(|e| anyhow::anyhow!(e))?;
-    metrics.config_serving(baseline.fingerprint());
-    let version = crate::telemetry::config_version(baseline.fingerprint());
+    let version = metrics.config_serving(baseline.fingerprint());
     tracing::info!(config_version = %version, "config loaded");
     policy.start_key_refresh();
     let state = State::new(policy, metrics, registry);

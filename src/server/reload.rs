@@ -282,8 +282,7 @@ impl Reloader {
             Ok(()) => {
                 self.key_retry = None;
                 metrics.config_reloaded(true);
-                metrics.config_serving(&now);
-                let version = crate::telemetry::config_version(&now);
+                let version = metrics.config_serving(&now);
                 tracing::info!(trigger, config_version = %version, "config reloaded");
             }
             Err(errors) if retrying && keys_only => {

@@ -131,9 +131,9 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Every fenced block of every page in scope, in order, dedented to its fence.
-fn blocks() -> Vec<Block> {
-    let mut pages = vec!["README.md".to_string(), "examples/quickstart/README.md".to_string()];
+/// `others` and every page of docs/, sorted.
+fn pages(others: &[&str]) -> Vec<String> {
+    let mut pages: Vec<String> = others.iter().map(|p| p.to_string()).collect();
     for entry in std::fs::read_dir(root().join("docs")).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         if name.ends_with(".md") {
@@ -141,8 +141,13 @@ fn blocks() -> Vec<Block> {
         }
     }
     pages.sort();
+    pages
+}
+
+/// Every fenced block of every page in scope, in order, dedented to its fence.
+fn blocks() -> Vec<Block> {
     let mut out = Vec::new();
-    for file in pages {
+    for file in pages(&["README.md", "examples/quickstart/README.md"]) {
         let page = std::fs::read_to_string(root().join(&file)).unwrap();
         let mut heading = String::new();
         let mut open: Option<Block> = None;
@@ -440,15 +445,8 @@ fn the_metrics_the_docs_name_are_the_ones_exported() {
     let exported = |name: &str| families.iter().any(|(_, samples)| samples.iter().any(|s| s == name));
 
     let mut problems = Vec::new();
-    let mut pages = vec!["README.md".to_string(), "SECURITY.md".to_string()];
-    for entry in std::fs::read_dir(root().join("docs")).unwrap() {
-        let name = entry.unwrap().file_name().into_string().unwrap();
-        if name.ends_with(".md") {
-            pages.push(format!("docs/{name}"));
-        }
-    }
     let word = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
-    for page in &pages {
+    for page in &pages(&["README.md", "SECURITY.md"]) {
         let text = std::fs::read_to_string(root().join(page)).unwrap();
         for (at, _) in text.match_indices("subguard_") {
             let name: String = text[at..].chars().take_while(|&c| word(c)).collect();

@@ -376,10 +376,10 @@ impl Policy {
             return Err(Reason::MalformedToken);
         }
         let traced = trace.is_some();
-        let cached = match &self.token_cache {
-            Some(c) if !traced => Some(c.get(&tenant.name, raw, now).filter(|f| f.still_verifiable(tenant))),
-            _ => None,
-        };
+        // The cache's key is hashed once: a miss inserts under it after verification.
+        let cache =
+            self.token_cache.as_ref().filter(|_| !traced).map(|c| (c, token_cache::key(&tenant.name, raw)));
+        let cached = cache.map(|(c, key)| c.get(&key, now).filter(|f| f.still_verifiable(tenant)));
         if let Some(found) = &cached {
             self.metrics.token_cache_lookup(found.is_some());
         }
@@ -390,8 +390,8 @@ impl Policy {
                 // every check would otherwise carry, move and copy that space.
                 let facts =
                     Arc::new(Box::pin(self.verify_token(tenant, raw, d, trace.as_deref_mut())).await?);
-                if let Some(cache) = self.token_cache.as_ref().filter(|_| !traced) {
-                    cache.insert(&tenant.name, raw, &facts, now, self.token.leeway_seconds);
+                if let Some((cache, key)) = cache {
+                    cache.insert(key, &facts, now, self.token.leeway_seconds);
                 }
                 facts
             }

@@ -87,7 +87,9 @@ const SHARDS: usize = 16;
 /// evict at random long before it is full).
 const MIN_SHARD_ENTRIES: u64 = 1024;
 
-type Key = [u8; 32];
+/// Where a token's entry lives: a SHA-256 of tenant and token, computed once per check and used
+/// for both the lookup and, on a miss, the insert.
+pub type Key = [u8; 32];
 
 struct Entry {
     facts: Arc<TokenFacts>,
@@ -112,7 +114,8 @@ impl std::fmt::Debug for TokenCache {
     }
 }
 
-fn key(tenant: &str, token: &str) -> Key {
+/// The cache key of `token` checked for `tenant`.
+pub fn key(tenant: &str, token: &str) -> Key {
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(tenant.as_bytes());
     ctx.update(&[0]);
@@ -140,17 +143,17 @@ impl TokenCache {
         &self.shards[usize::from(key[31]) % self.shards.len()]
     }
 
-    /// The facts of a token verified before, if its entry has not expired at `now` (unix seconds).
-    pub fn get(&self, tenant: &str, token: &str, now: i64) -> Option<Arc<TokenFacts>> {
-        let key = key(tenant, token);
+    /// The facts of a token verified before (by its [`key`]), if its entry has not expired at
+    /// `now` (unix seconds).
+    pub fn get(&self, key: &Key, now: i64) -> Option<Arc<TokenFacts>> {
         // A poisoned lock only means another check panicked mid-insert; the map is still sound.
-        let shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
-        shard.entries.get(&key).filter(|e| now < e.expires_at).map(|e| e.facts.clone())
+        let shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+        shard.entries.get(key).filter(|e| now < e.expires_at).map(|e| e.facts.clone())
     }
 
     /// Remembers a verified token until its `exp` + leeway (at most an hour). Tokens without
     /// `kid` or `exp`, or already expired, are not kept.
-    pub fn insert(&self, tenant: &str, token: &str, facts: &Arc<TokenFacts>, now: i64, leeway: u64) {
+    pub fn insert(&self, key: Key, facts: &Arc<TokenFacts>, now: i64, leeway: u64) {
         let (true, Some(exp)) = (facts.has_kid, facts.exp.get()) else { return };
         let remaining = exp + leeway as f64 - now as f64;
         if remaining.is_nan() || remaining <= 0.0 {
@@ -159,7 +162,6 @@ impl TokenCache {
         // Whole seconds, rounded up: an entry never outlives the token by more than a second, and
         // the check itself still tests exp on every request.
         let lifetime = remaining.min(MAX_LIFETIME_SECONDS as f64).ceil() as i64;
-        let key = key(tenant, token);
         let mut shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
         if shard.entries.len() >= self.per_shard && !shard.entries.contains_key(&key) {
             shard.make_room(now);
@@ -214,10 +216,10 @@ mod tests {
     #[test]
     fn entries_are_per_tenant_and_token() {
         let c = TokenCache::new(10).unwrap();
-        c.insert("acme", "t1", &facts(Some("k"), Some(2000.0)), 1000, 60);
-        assert!(c.get("acme", "t1", 1000).is_some());
-        assert!(c.get("globex", "t1", 1000).is_none());
-        assert!(c.get("acme", "t2", 1000).is_none());
+        c.insert(key("acme", "t1"), &facts(Some("k"), Some(2000.0)), 1000, 60);
+        assert!(c.get(&key("acme", "t1"), 1000).is_some());
+        assert!(c.get(&key("globex", "t1"), 1000).is_none());
+        assert!(c.get(&key("acme", "t2"), 1000).is_none());
         // The separator keeps ("ab", "c") and ("a", "bc") apart.
         assert_ne!(key("ab", "c"), key("a", "bc"));
     }
@@ -225,24 +227,24 @@ mod tests {
     #[test]
     fn expired_kidless_and_exp_less_tokens_are_not_kept() {
         let c = TokenCache::new(10).unwrap();
-        c.insert("acme", "old", &facts(Some("k"), Some(900.0)), 1000, 60);
-        c.insert("acme", "nokid", &facts(None, Some(2000.0)), 1000, 60);
-        c.insert("acme", "noexp", &facts(Some("k"), None), 1000, 60);
-        assert!(c.get("acme", "old", 1000).is_none());
-        assert!(c.get("acme", "nokid", 1000).is_none());
-        assert!(c.get("acme", "noexp", 1000).is_none());
+        c.insert(key("acme", "old"), &facts(Some("k"), Some(900.0)), 1000, 60);
+        c.insert(key("acme", "nokid"), &facts(None, Some(2000.0)), 1000, 60);
+        c.insert(key("acme", "noexp"), &facts(Some("k"), None), 1000, 60);
+        assert!(c.get(&key("acme", "old"), 1000).is_none());
+        assert!(c.get(&key("acme", "nokid"), 1000).is_none());
+        assert!(c.get(&key("acme", "noexp"), 1000).is_none());
         assert_eq!(c.entry_count(), 0);
     }
 
     #[test]
     fn an_entry_lives_until_exp_plus_leeway_and_at_most_an_hour() {
         let c = TokenCache::new(10).unwrap();
-        c.insert("acme", "short", &facts(Some("k"), Some(1100.0)), 1000, 60);
-        assert!(c.get("acme", "short", 1159).is_some());
-        assert!(c.get("acme", "short", 1160).is_none());
-        c.insert("acme", "long", &facts(Some("k"), Some(1_000_000.0)), 1000, 60);
-        assert!(c.get("acme", "long", 1000 + 3599).is_some());
-        assert!(c.get("acme", "long", 1000 + 3600).is_none());
+        c.insert(key("acme", "short"), &facts(Some("k"), Some(1100.0)), 1000, 60);
+        assert!(c.get(&key("acme", "short"), 1159).is_some());
+        assert!(c.get(&key("acme", "short"), 1160).is_none());
+        c.insert(key("acme", "long"), &facts(Some("k"), Some(1_000_000.0)), 1000, 60);
+        assert!(c.get(&key("acme", "long"), 1000 + 3599).is_some());
+        assert!(c.get(&key("acme", "long"), 1000 + 3600).is_none());
     }
 
     #[test]
@@ -250,11 +252,11 @@ mod tests {
         for max in [10u64, 20_000] {
             let c = TokenCache::new(max).unwrap();
             for i in 0..3 * max {
-                c.insert("acme", &format!("t{i}"), &facts(Some("k"), Some(2000.0)), 1000, 60);
+                c.insert(key("acme", &format!("t{i}")), &facts(Some("k"), Some(2000.0)), 1000, 60);
                 assert!(c.entry_count() <= max, "{} entries, max {max}", c.entry_count());
             }
             let last = format!("t{}", 3 * max - 1);
-            assert!(c.get("acme", &last, 1000).is_some(), "the newest entry is kept");
+            assert!(c.get(&key("acme", &last), 1000).is_some(), "the newest entry is kept");
             assert!(c.entry_count() > 0);
         }
     }
@@ -263,13 +265,13 @@ mod tests {
     fn expired_entries_are_evicted_first() {
         let c = TokenCache::new(4).unwrap();
         for i in 0..3 {
-            c.insert("acme", &format!("old{i}"), &facts(Some("k"), Some(1010.0)), 1000, 0);
+            c.insert(key("acme", &format!("old{i}")), &facts(Some("k"), Some(1010.0)), 1000, 0);
         }
-        c.insert("acme", "fresh", &facts(Some("k"), Some(5000.0)), 1000, 0);
+        c.insert(key("acme", "fresh"), &facts(Some("k"), Some(5000.0)), 1000, 0);
         // At 1020 the three old entries have expired: room is made from them alone.
-        c.insert("acme", "new", &facts(Some("k"), Some(5000.0)), 1020, 0);
-        assert!(c.get("acme", "fresh", 1020).is_some());
-        assert!(c.get("acme", "new", 1020).is_some());
+        c.insert(key("acme", "new"), &facts(Some("k"), Some(5000.0)), 1020, 0);
+        assert!(c.get(&key("acme", "fresh"), 1020).is_some());
+        assert!(c.get(&key("acme", "new"), 1020).is_some());
         assert_eq!(c.entry_count(), 2);
     }
 

@@ -1063,7 +1063,8 @@ def report(args: argparse.Namespace, bench: Bench, memory: list[dict], sweep: Ru
     w(f"| cold ≥ 0.8× warm throughput | {cold_vs_warm('sg_tcp')} | {cold_vs_warm('sg_uds')} |")
     tcp_mem = next((m for m in memory if m["name"] == "sg_tcp"), None)
     if tcp_mem:
-        w(f"| RSS ≤ 64 MiB with {TARGET_USERS // 1000}k cached users ({args.users} users, {args.tokens} tokens here) | {tcp_mem.get('after', tcp_mem['idle'])} | "
+        w(f"| RSS ≤ 64 MiB with {TARGET_USERS // 1000}k cached users ({args.users} users; distinct tokens / users checked: "
+          f"{tcp_mem.get('distinct', '–')}) | {tcp_mem.get('after', tcp_mem['idle'])} | "
           f"{next((m.get('after', '–') for m in memory if m['name'] == 'sg_uds'), '–')} |")
         small = next((m for m in memory if m["name"] == "sg_small"), None)
         if small:

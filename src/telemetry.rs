@@ -256,6 +256,8 @@ pub struct Metrics {
     /// family lookup.
     token_cache_hit: Counter,
     token_cache_miss: Counter,
+    /// Verified tokens dropped from a full token cache while still valid.
+    token_cache_evictions: Counter,
     directory_lookups: Family<DirectoryLabels, Counter>,
     jwks_fetches: Family<JwksLabels, Counter>,
     breaker_state: Family<BreakerLabels, Gauge>,
@@ -305,6 +307,11 @@ impl Metrics {
             "token_cache_lookups",
             "Verified-token cache lookups: hit skips signature verification",
             m.token_cache.clone(),
+        );
+        r.register(
+            "token_cache_evictions",
+            "Verified tokens dropped from a full token cache while still valid (raise token.cache_max_entries if this keeps rising)",
+            m.token_cache_evictions.clone(),
         );
         r.register("config_reloads", "Configuration reloads by outcome", m.config_reloads.clone());
         for outcome in ["ok", "error"] {
@@ -369,6 +376,7 @@ impl Metrics {
             token_cache,
             token_cache_hit,
             token_cache_miss,
+            token_cache_evictions: Counter::default(),
             directory_lookups: Family::default(),
             jwks_fetches: Family::default(),
             breaker_state: Family::default(),
@@ -385,6 +393,12 @@ impl Metrics {
 
     pub fn token_cache_lookup(&self, hit: bool) {
         if hit { &self.token_cache_hit } else { &self.token_cache_miss }.inc();
+    }
+
+    /// The counter of tokens evicted from a full token cache; every policy's cache adds to the
+    /// same one, so the count runs on across reloads.
+    pub fn token_cache_evictions(&self) -> Counter {
+        self.token_cache_evictions.clone()
     }
 
     pub fn revocation_lookup(&self, outcome: &'static str) {

@@ -366,3 +366,74 @@ async fn metrics_count_directory_outcomes() {
         );
     }
 }
+
+/// Each remote directory's cache shows how many answers it holds, by directory; a subguard of
+/// its own, so the other tests' lookups do not count.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_directory_cache_shows_how_many_answers_it_holds() {
+    let directory = DirectoryServer::start();
+    directory.set_default(Answer::status(404));
+    for sub in ["ann", "ben", "cat"] {
+        directory.set(sub, Answer::user(json!({"id": sub})));
+    }
+    let config = format!(
+        r#"
+listen:
+  grpc: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+tenant:
+  header: x-tenant-id
+directory:
+  kind: http
+  url: "{url}"
+  cache:
+    ttl_seconds: 300
+    negative_ttl_seconds: 300
+tenants:
+  acme:
+    issuers:
+      - issuer: "{ISS_ACME}"
+        audiences: ["orders"]
+        jwks_file: keys/issuer-a.jwks.json
+  globex:
+    issuers:
+      - issuer: "{ISS_GLOBEX}"
+        audiences: ["orders"]
+        jwks_file: keys/issuer-b.jwks.json
+    directory:
+      kind: http
+      url: "{url}"
+"#,
+        url = directory.url_template()
+    );
+    let sg = Subguard::start(&config, "");
+    let mut client = sg.client().await;
+    let cached = |directory: &str| {
+        let metrics = sg.metrics();
+        common::metrics::sample(&metrics, "subguard_directory_cache_entries", &[("directory", directory)])
+            .unwrap_or_else(|| panic!("no cache series for {directory}:\n{metrics}"))
+    };
+    assert_eq!(cached("default"), 0.0);
+    assert_eq!(cached("globex"), 0.0);
+
+    // acme: three users found and one not found (a cached answer too); globex: one found.
+    for sub in ["ann", "ben", "cat", "nobody"] {
+        client.call(&CheckCall::new().tenant("acme").bearer(&token(sub).build())).await;
+    }
+    let globex = TokenBuilder::new("other-rsa", Algorithm::RS256).iss(ISS_GLOBEX).aud("orders").sub("ann");
+    assert!(client.call(&CheckCall::new().tenant("globex").bearer(&globex.build())).await.allowed);
+
+    // The cache counts as it does its housekeeping, which follows the inserts by a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (cached("default"), cached("globex")) != (4.0, 1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "default {} (4 expected), globex {} (1 expected)",
+            cached("default"),
+            cached("globex")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // No tenant reads a users file here.
+    assert!(common::metrics::samples(&sg.metrics(), "subguard_directory_file_users").is_empty());
+}

@@ -121,3 +121,62 @@ async fn a_cached_token_dies_when_its_key_moves_to_another_kid() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The value of an unlabelled sample, or of one with these labels; 0 when the series is absent
+/// would hide a missing metric, so absence fails.
+fn gauge(sg: &Subguard, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let metrics = sg.metrics();
+    common::metrics::sample(&metrics, name, labels)
+        .unwrap_or_else(|| panic!("no {name} {labels:?}:\n{metrics}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_token_cache_counts_what_it_evicts_and_the_users_file_shows_its_users() {
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    let small = config(&idp.jwks_uri())
+        .replace("  leeway_seconds: 0\n", "  leeway_seconds: 0\n  cache_max_entries: 8\n");
+    let sg = Subguard::start_in(ConfigDir::with(&small, "acme:\n  - sub: alice\n  - sub: bob\n"));
+    let mut client = sg.client().await;
+    let token = |n: usize| {
+        let sub = if n.is_multiple_of(2) { "alice" } else { "bob" };
+        TokenBuilder::new("rsa-1", Algorithm::RS256)
+            .iss(ISS)
+            .aud("orders")
+            .sub(sub)
+            .claim("jti", format!("t-{n}").into())
+            .exp_in(300)
+            .build()
+    };
+    let entries = |sg: &Subguard| gauge(sg, "subguard_token_cache_entries", &[]);
+    let evicted = |sg: &Subguard| gauge(sg, "subguard_token_cache_evictions_total", &[]);
+
+    assert_eq!(entries(&sg), 0.0);
+    assert_eq!(evicted(&sg), 0.0);
+    assert_eq!(gauge(&sg, "subguard_directory_file_users", &[("tenant", "acme")]), 2.0);
+
+    // Five distinct tokens fit.
+    for n in 0..5 {
+        assert!(client.call(&CheckCall::new().tenant("acme").bearer(&token(n))).await.allowed);
+    }
+    assert_eq!(entries(&sg), 5.0);
+    assert_eq!(evicted(&sg), 0.0);
+
+    // Twenty more do not: the cache stays within its 8, and every valid token it let go is
+    // counted (none has expired, so what went in is what is held plus what was evicted).
+    for n in 5..25 {
+        assert!(client.call(&CheckCall::new().tenant("acme").bearer(&token(n))).await.allowed);
+    }
+    let held = entries(&sg);
+    assert!((1.0..=8.0).contains(&held), "{held} tokens held by a cache of 8");
+    assert_eq!(evicted(&sg) + held, 25.0);
+
+    // A new users file: the gauge follows it, and the eviction count runs on.
+    let before = evicted(&sg);
+    sg.dir.replace("users.yaml", "acme:\n  - sub: alice\n  - sub: bob\n  - sub: carol\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gauge(&sg, "subguard_directory_file_users", &[("tenant", "acme")]) != 3.0 {
+        assert!(Instant::now() < deadline, "the users gauge did not follow the new users file");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(evicted(&sg) >= before);
+}

@@ -166,7 +166,7 @@ impl Policy {
             forward: Arc::new(config.forward.clone()),
             tenants,
             trusted_by,
-            token_cache: TokenCache::new(config.token.cache_max_entries),
+            token_cache: TokenCache::new(config.token.cache_max_entries, metrics.token_cache_evictions()),
             config: Arc::new(config),
             metrics,
         })
@@ -280,6 +280,23 @@ impl Policy {
     }
 
     /// Ready when every issuer has usable keys.
+    /// Brings every remote directory's cache count up to date (before a scrape reads them).
+    pub async fn settle_directory_caches(&self) {
+        let mut done = std::collections::HashSet::new();
+        for tenant in self.tenants.values() {
+            if let Some(cache) = tenant.directory.cache()
+                && done.insert(Arc::as_ptr(&tenant.directory) as usize)
+            {
+                cache.settle().await;
+            }
+        }
+    }
+
+    /// Tokens in this policy's verified-token cache (0 when it has none).
+    pub fn token_cache_entries(&self) -> u64 {
+        self.token_cache.as_ref().map_or(0, TokenCache::entry_count)
+    }
+
     pub fn is_ready(&self) -> bool {
         self.key_stores().all(|k| k.is_ready())
     }

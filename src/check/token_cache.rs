@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use aws_lc_rs::digest;
+use prometheus_client::metrics::counter::Counter;
 
 use super::Tenant;
 
@@ -106,6 +107,8 @@ struct Shard {
 pub struct TokenCache {
     shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
+    /// Counts the entries dropped to make room while still valid.
+    evictions: Counter,
 }
 
 impl std::fmt::Debug for TokenCache {
@@ -126,8 +129,9 @@ pub fn key(tenant: &str, token: &str) -> Key {
 }
 
 impl TokenCache {
-    /// `None` when `max_entries` is 0 (cache disabled).
-    pub fn new(max_entries: u64) -> Option<TokenCache> {
+    /// `None` when `max_entries` is 0 (cache disabled). Valid entries dropped to make room are
+    /// counted in `evictions`.
+    pub fn new(max_entries: u64, evictions: Counter) -> Option<TokenCache> {
         if max_entries == 0 {
             return None;
         }
@@ -135,7 +139,7 @@ impl TokenCache {
         let per_shard = usize::try_from(max_entries.div_ceil(shards as u64)).unwrap_or(usize::MAX);
         let shards =
             (0..shards).map(|_| Mutex::new(Shard { entries: HashMap::new(), evictions: 0 })).collect();
-        Some(TokenCache { shards, per_shard })
+        Some(TokenCache { shards, per_shard, evictions })
     }
 
     /// The key's shard. The key is a SHA-256 digest, so any of its bytes is evenly spread.
@@ -164,7 +168,8 @@ impl TokenCache {
         let lifetime = remaining.min(MAX_LIFETIME_SECONDS as f64).ceil() as i64;
         let mut shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
         if shard.entries.len() >= self.per_shard && !shard.entries.contains_key(&key) {
-            shard.make_room(now, self.per_shard);
+            let dropped = shard.make_room(now, self.per_shard);
+            self.evictions.inc_by(dropped as u64);
         }
         shard.entries.insert(key, Entry { facts: facts.clone(), expires_at: now + lifetime });
     }
@@ -178,10 +183,11 @@ impl Shard {
     /// Drops the expired entries; if that frees less than a quarter of the shard, also about half
     /// of the others (chosen by one bit of their digest), so a full shard costs one pass per many
     /// inserts rather than one per insert. The survivors then move to a fresh table made for
-    /// `per_shard` entries.
-    fn make_room(&mut self, now: i64, per_shard: usize) {
+    /// `per_shard` entries. Returns how many entries that were still valid it dropped.
+    fn make_room(&mut self, now: i64, per_shard: usize) -> usize {
         let before = self.entries.len();
         self.entries.retain(|_, e| now < e.expires_at);
+        let valid = self.entries.len();
         if self.entries.len() * 4 > before * 3 {
             self.evictions = self.evictions.wrapping_add(1);
             let bit = self.evictions % 8;
@@ -201,6 +207,7 @@ impl Shard {
         let mut fresh = HashMap::with_capacity(per_shard);
         fresh.extend(self.entries.drain());
         self.entries = fresh;
+        valid - self.entries.len()
     }
 }
 
@@ -224,7 +231,7 @@ mod tests {
 
     #[test]
     fn entries_are_per_tenant_and_token() {
-        let c = TokenCache::new(10).unwrap();
+        let c = TokenCache::new(10, Counter::default()).unwrap();
         c.insert(key("acme", "t1"), &facts(Some("k"), Some(2000.0)), 1000, 60);
         assert!(c.get(&key("acme", "t1"), 1000).is_some());
         assert!(c.get(&key("globex", "t1"), 1000).is_none());
@@ -235,7 +242,7 @@ mod tests {
 
     #[test]
     fn expired_kidless_and_exp_less_tokens_are_not_kept() {
-        let c = TokenCache::new(10).unwrap();
+        let c = TokenCache::new(10, Counter::default()).unwrap();
         c.insert(key("acme", "old"), &facts(Some("k"), Some(900.0)), 1000, 60);
         c.insert(key("acme", "nokid"), &facts(None, Some(2000.0)), 1000, 60);
         c.insert(key("acme", "noexp"), &facts(Some("k"), None), 1000, 60);
@@ -247,7 +254,7 @@ mod tests {
 
     #[test]
     fn an_entry_lives_until_exp_plus_leeway_and_at_most_an_hour() {
-        let c = TokenCache::new(10).unwrap();
+        let c = TokenCache::new(10, Counter::default()).unwrap();
         c.insert(key("acme", "short"), &facts(Some("k"), Some(1100.0)), 1000, 60);
         assert!(c.get(&key("acme", "short"), 1159).is_some());
         assert!(c.get(&key("acme", "short"), 1160).is_none());
@@ -259,7 +266,8 @@ mod tests {
     #[test]
     fn a_full_cache_stays_within_its_bound_and_keeps_working() {
         for max in [10u64, 20_000] {
-            let c = TokenCache::new(max).unwrap();
+            let evictions = Counter::default();
+            let c = TokenCache::new(max, evictions.clone()).unwrap();
             for i in 0..3 * max {
                 c.insert(key("acme", &format!("t{i}")), &facts(Some("k"), Some(2000.0)), 1000, 60);
                 assert!(c.entry_count() <= max, "{} entries, max {max}", c.entry_count());
@@ -267,13 +275,15 @@ mod tests {
             let last = format!("t{}", 3 * max - 1);
             assert!(c.get(&key("acme", &last), 1000).is_some(), "the newest entry is kept");
             assert!(c.entry_count() > 0);
+            // Every valid token that left was counted: none expired, so inserted = kept + evicted.
+            assert_eq!(evictions.get() + c.entry_count(), 3 * max);
         }
     }
 
     #[test]
     fn a_cache_that_keeps_evicting_does_not_grow_its_tables() {
         // 100 000 entries in 16 shards; five times as many distinct tokens go through it.
-        let c = TokenCache::new(100_000).unwrap();
+        let c = TokenCache::new(100_000, Counter::default()).unwrap();
         let made_for = HashMap::<Key, Entry>::with_capacity(c.per_shard).capacity();
         let f = facts(Some("k"), Some(5000.0));
         for i in 0..500_000u32 {
@@ -288,7 +298,8 @@ mod tests {
 
     #[test]
     fn expired_entries_are_evicted_first() {
-        let c = TokenCache::new(4).unwrap();
+        let evictions = Counter::default();
+        let c = TokenCache::new(4, evictions.clone()).unwrap();
         for i in 0..3 {
             c.insert(key("acme", &format!("old{i}")), &facts(Some("k"), Some(1010.0)), 1000, 0);
         }
@@ -298,10 +309,11 @@ mod tests {
         assert!(c.get(&key("acme", "fresh"), 1020).is_some());
         assert!(c.get(&key("acme", "new"), 1020).is_some());
         assert_eq!(c.entry_count(), 2);
+        assert_eq!(evictions.get(), 0, "expired entries are not evictions");
     }
 
     #[test]
     fn disabled_with_zero_entries() {
-        assert!(TokenCache::new(0).is_none());
+        assert!(TokenCache::new(0, Counter::default()).is_none());
     }
 }

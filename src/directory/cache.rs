@@ -166,8 +166,15 @@ impl DirectoryCache {
         self.entries.invalidate_all();
     }
 
+    /// Cached answers, as of the cache's last housekeeping ([`DirectoryCache::settle`]).
     pub fn entry_count(&self) -> u64 {
         self.entries.entry_count()
+    }
+
+    /// Does the cache's pending housekeeping (applying recent inserts, dropping expired
+    /// entries), which traffic otherwise triggers from time to time.
+    pub async fn settle(&self) {
+        self.entries.run_pending_tasks().await;
     }
 }
 

@@ -156,6 +156,11 @@ impl Directory {
         })
     }
 
+    /// `default` or the tenant that configured it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn backend(&self) -> &Backend {
         &self.backend
     }

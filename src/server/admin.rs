@@ -91,6 +91,9 @@ pub fn router(state: Arc<State>) -> Router {
             get(move |headers: HeaderMap| {
                 let state = metrics_state.clone();
                 async move {
+                    // The directory caches count their entries as they do their housekeeping;
+                    // done first, the scrape shows what they hold even when no check came lately.
+                    state.policy.load_full().settle_directory_caches().await;
                     let text = crate::telemetry::encode(&state.registry);
                     if wants_openmetrics(&headers) {
                         ([(header::CONTENT_TYPE, OPENMETRICS)], text)

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod answer;
+pub mod cache_metrics;
 pub mod grpc;
 pub mod health;
 pub mod key_metrics;
@@ -44,10 +45,10 @@ pub struct State {
 impl State {
     pub fn new(policy: Policy, metrics: Arc<Metrics>, mut registry: Registry) -> Arc<State> {
         Arc::new_cyclic(|state| {
-            // The issuer-key metrics are read from the serving policy at each scrape.
-            registry
-                .sub_registry_with_prefix("subguard")
-                .register_collector(Box::new(key_metrics::KeyMetrics(state.clone())));
+            // The issuer-key and cache metrics are read from the serving policy at each scrape.
+            let subguard = registry.sub_registry_with_prefix("subguard");
+            subguard.register_collector(Box::new(key_metrics::KeyMetrics(state.clone())));
+            subguard.register_collector(Box::new(cache_metrics::CacheMetrics(state.clone())));
             State {
                 policy: ArcSwap::from_pointee(policy),
                 in_flight: std::sync::atomic::AtomicUsize::new(0),

@@ -279,7 +279,6 @@ impl Policy {
         }
     }
 
-    /// Ready when every issuer has usable keys.
     /// Brings every remote directory's cache count up to date (before a scrape reads them).
     pub async fn settle_directory_caches(&self) {
         let mut done = std::collections::HashSet::new();
@@ -297,6 +296,7 @@ impl Policy {
         self.token_cache.as_ref().map_or(0, TokenCache::entry_count)
     }
 
+    /// Ready when every issuer has usable keys.
     pub fn is_ready(&self) -> bool {
         self.key_stores().all(|k| k.is_ready())
     }

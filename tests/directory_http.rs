@@ -409,9 +409,11 @@ tenants:
     let sg = Subguard::start(&config, "");
     let mut client = sg.client().await;
     let cached = |directory: &str| {
-        let metrics = sg.metrics();
-        common::metrics::sample(&metrics, "subguard_directory_cache_entries", &[("directory", directory)])
-            .unwrap_or_else(|| panic!("no cache series for {directory}:\n{metrics}"))
+        common::metrics::required(
+            &sg.metrics(),
+            "subguard_directory_cache_entries",
+            &[("directory", directory)],
+        )
     };
     assert_eq!(cached("default"), 0.0);
     assert_eq!(cached("globex"), 0.0);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::check::CheckCall;
 use common::directory_server::{Answer, DirectoryServer};
 use common::jwks_server::JwksServer;
-use common::metrics::{sample, samples, value};
+use common::metrics::{required, samples, value};
 use common::{Algorithm, CheckClient, ConfigDir, Outcome, Subguard, TokenBuilder};
 use serde_json::json;
 
@@ -257,7 +257,7 @@ async fn an_invalid_config_is_refused_logged_counted_and_the_old_one_keeps_servi
 /// and the fingerprints of `subguard_config_info`'s series.
 fn config_gauges(sg: &Subguard) -> (f64, f64, Vec<String>) {
     let metrics = sg.metrics();
-    let value = |name: &str| sample(&metrics, name, &[]).unwrap_or_else(|| panic!("no {name}:\n{metrics}"));
+    let value = |name: &str| required(&metrics, name, &[]);
     let fingerprints = samples(&metrics, "subguard_config_info")
         .into_iter()
         .filter_map(|s| s.labels.get("fingerprint").cloned())

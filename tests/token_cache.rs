@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::check::CheckCall;
+use common::metrics::required;
 use common::{Algorithm, ConfigDir, JwksServer, Subguard, TokenBuilder, jwks_text};
 
 const ISS: &str = "https://idp.acme.test/";
@@ -37,9 +38,7 @@ tenants:
 }
 
 fn token_cache_count(sg: &Subguard, outcome: &str) -> f64 {
-    let metrics = sg.metrics();
-    common::metrics::sample(&metrics, "subguard_token_cache_lookups_total", &[("outcome", outcome)])
-        .unwrap_or_else(|| panic!("no token cache {outcome} series:\n{metrics}"))
+    required(&sg.metrics(), "subguard_token_cache_lookups_total", &[("outcome", outcome)])
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -122,14 +121,6 @@ async fn a_cached_token_dies_when_its_key_moves_to_another_kid() {
     }
 }
 
-/// The value of an unlabelled sample, or of one with these labels; 0 when the series is absent
-/// would hide a missing metric, so absence fails.
-fn gauge(sg: &Subguard, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let metrics = sg.metrics();
-    common::metrics::sample(&metrics, name, labels)
-        .unwrap_or_else(|| panic!("no {name} {labels:?}:\n{metrics}"))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_token_cache_counts_what_it_evicts_and_the_users_file_shows_its_users() {
     let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
@@ -147,12 +138,14 @@ async fn a_full_token_cache_counts_what_it_evicts_and_the_users_file_shows_its_u
             .exp_in(300)
             .build()
     };
-    let entries = |sg: &Subguard| gauge(sg, "subguard_token_cache_entries", &[]);
-    let evicted = |sg: &Subguard| gauge(sg, "subguard_token_cache_evictions_total", &[]);
+    let entries = |sg: &Subguard| required(&sg.metrics(), "subguard_token_cache_entries", &[]);
+    let evicted = |sg: &Subguard| required(&sg.metrics(), "subguard_token_cache_evictions_total", &[]);
+    let users =
+        |sg: &Subguard| required(&sg.metrics(), "subguard_directory_file_users", &[("tenant", "acme")]);
 
     assert_eq!(entries(&sg), 0.0);
     assert_eq!(evicted(&sg), 0.0);
-    assert_eq!(gauge(&sg, "subguard_directory_file_users", &[("tenant", "acme")]), 2.0);
+    assert_eq!(users(&sg), 2.0);
 
     // Five distinct tokens fit.
     for n in 0..5 {
@@ -174,7 +167,7 @@ async fn a_full_token_cache_counts_what_it_evicts_and_the_users_file_shows_its_u
     let before = evicted(&sg);
     sg.dir.replace("users.yaml", "acme:\n  - sub: alice\n  - sub: bob\n  - sub: carol\n");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while gauge(&sg, "subguard_directory_file_users", &[("tenant", "acme")]) != 3.0 {
+    while users(&sg) != 3.0 {
         assert!(Instant::now() < deadline, "the users gauge did not follow the new users file");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

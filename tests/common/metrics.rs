@@ -40,6 +40,13 @@ pub fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64>
     samples(metrics, name).into_iter().find(|s| s.labels == wanted).map(|s| s.value)
 }
 
+/// As [`sample`], for a series that must be there: absent fails, showing the whole exposition
+/// (0 would hide a metric that is not exported).
+#[track_caller]
+pub fn required(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(metrics, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?}:\n{metrics}"))
+}
+
 /// As [`sample`], 0 when absent (a counter not yet created).
 pub fn value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     sample(metrics, name, labels).unwrap_or(0.0)

@@ -279,15 +279,17 @@ impl Policy {
         }
     }
 
+    /// Every directory, once each: the default one is shared by the tenants without their own.
+    pub fn directories(&self) -> impl Iterator<Item = &Arc<Directory>> {
+        // Addresses as integers keep the iterator Send, so an async caller may hold it.
+        let mut seen = HashSet::new();
+        self.tenants.values().map(|t| &t.directory).filter(move |d| seen.insert(Arc::as_ptr(d) as usize))
+    }
+
     /// Brings every remote directory's cache count up to date (before a scrape reads them).
     pub async fn settle_directory_caches(&self) {
-        let mut done = std::collections::HashSet::new();
-        for tenant in self.tenants.values() {
-            if let Some(cache) = tenant.directory.cache()
-                && done.insert(Arc::as_ptr(&tenant.directory) as usize)
-            {
-                cache.settle().await;
-            }
+        for cache in self.directories().filter_map(|d| d.cache()) {
+            cache.settle().await;
         }
     }
 

@@ -41,18 +41,16 @@ impl Collector for CacheMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Some(state) = self.0.upgrade() else { return Ok(()) };
         let policy = state.policy.load();
-        // Sorted, one series per directory however many tenants share it.
-        let mut cached: BTreeMap<DirectoryLabels, u64> = BTreeMap::new();
+        // Sorted by label, so the exposition is stable from scrape to scrape.
+        let cached: BTreeMap<DirectoryLabels, u64> = policy
+            .directories()
+            .filter_map(|d| {
+                Some((DirectoryLabels { directory: Name(d.name().into()) }, d.cache()?.entry_count()))
+            })
+            .collect();
         let mut users: BTreeMap<TenantLabels, u64> = BTreeMap::new();
         for tenant in policy.tenants.values() {
-            let directory = &tenant.directory;
-            if let Some(cache) = directory.cache() {
-                cached.insert(
-                    DirectoryLabels { directory: Name(directory.name().into()) },
-                    cache.entry_count(),
-                );
-            }
-            if let Backend::File(file) = directory.backend() {
+            if let Backend::File(file) = tenant.directory.backend() {
                 let listed = file.snapshot().tenants.get(tenant.name.as_ref()).map_or(0, |u| u.len() as u64);
                 users.insert(TenantLabels { tenant: Name(tenant.name.clone()) }, listed);
             }

@@ -192,6 +192,62 @@ fn users_that_can_never_match_or_never_be_forwarded_are_warned_about() {
 }
 
 #[test]
+fn a_tenant_without_users_in_its_file_is_warned_about() {
+    // Absent, an empty list and a null list all leave every check of the tenant user_not_found.
+    for users in ["globex:\n  - sub: u-1\n", "acme: []\n", "acme:\n", "acme: []\nglobex: []\n"] {
+        let dir = ConfigDir::with(GOOD, users);
+        let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(0), "a warning, not an error: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.lines().any(|l| l.starts_with("warning: tenants.acme: ") && l.contains("lists no users")),
+            "users file {users:?}: {}",
+            text(&out)
+        );
+    }
+    let out = subguard(
+        &["validate", "--config", ConfigDir::with(GOOD, USERS).config_path().to_str().unwrap()],
+        &[],
+    );
+    assert!(!text(&out).contains("lists no users"), "{}", text(&out));
+}
+
+#[test]
+fn a_broken_default_directory_is_reported_once_not_again_for_each_tenant() {
+    let two_tenants = format!(
+        "{GOOD}  globex:\n    issuers:\n      - issuer: \"https://idp.globex.test/\"\n        audiences: [\"orders\"]\n        \
+         jwks_file: keys/issuer-a.jwks.json\n"
+    );
+    for (from, to) in [
+        ("  path: users.yaml", "  pth: users.yaml"),
+        ("  kind: file", "  kind: [file]"),
+        ("  path: users.yaml", "  path: users.yaml\n  cache: {ttl_seconds: \"60\"}"),
+    ] {
+        let broken = two_tenants.replacen(from, to, 1);
+        assert_ne!(broken, two_tenants);
+        let dir = ConfigDir::with(&broken, "acme:\n  - sub: u-1\nglobex:\n  - sub: u-2\n");
+        let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.lines().any(|l| l.starts_with("directory")),
+            "the error names directory:\n{}",
+            text(&out)
+        );
+        assert!(!stdout.contains("no directory"), "the directory is set, only broken:\n{}", text(&out));
+        assert_eq!(stdout.lines().count(), 1, "one error:\n{}", text(&out));
+    }
+    // A tenant with no directory at all, and no default, still gets its error.
+    let none = GOOD.replace("directory:\n  kind: file\n  path: users.yaml\n", "");
+    assert_ne!(none, GOOD);
+    let out = subguard(
+        &["validate", "--config", ConfigDir::with(&none, USERS).config_path().to_str().unwrap()],
+        &[],
+    );
+    assert!(text(&out).contains("tenants.acme.directory: no directory"), "{}", text(&out));
+}
+
+#[test]
 fn a_leeway_of_hours_is_refused_and_one_of_minutes_warned_about() {
     let with_leeway = |s: u64| format!("{GOOD}token:\n  leeway_seconds: {s}\n");
     let dir = ConfigDir::with(&with_leeway(86_400), USERS);

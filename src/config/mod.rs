@@ -512,8 +512,12 @@ impl Loader {
             });
         let forward_raw: raw::Forward =
             take("forward").and_then(|v| self.section("forward", v)).unwrap_or_default();
+        let default_dir_value = take("directory");
+        // Given but unreadable (its error is reported): tenants that would take it get no
+        // directory without a second, misleading "no directory" error each.
+        let default_dir_given = default_dir_value.is_some();
         let default_dir_raw: Option<raw::Directory> =
-            take("directory").and_then(|v| self.section("directory", v));
+            default_dir_value.and_then(|v| self.section("directory", v));
         let revocation = take("revocation")
             .and_then(|v| self.section::<raw::Revocation>("revocation", v))
             .and_then(|r| self.revocation(r));
@@ -570,7 +574,11 @@ impl Loader {
         let forward = self.forward(forward_raw);
 
         let mut users_cache = UsersCache::new();
-        let default_dir = default_dir_raw.map(|d| self.directory("directory", &d, None, &mut users_cache));
+        let default_dir = match default_dir_raw {
+            Some(d) => Some(self.directory("directory", &d, None, &mut users_cache)),
+            None if default_dir_given => Some(None),
+            None => None,
+        };
 
         let mut tenants = BTreeMap::new();
         match tenants_raw {
@@ -659,7 +667,7 @@ impl Loader {
                         ));
                     }
                 }
-                if listed.is_none() {
+                if listed.is_none_or(|users| users.is_empty()) {
                     self.warnings.push(ConfigError::new(
                         format!("tenants.{name}"),
                         format!(

@@ -444,6 +444,25 @@ fn validate_prints_one_line_per_error_whatever_the_yaml_holds() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.lines().all(|l| l.trim() != "ok" && !l.starts_with("ok")), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with(r"bogus\nok: unknown key")), "{stdout}");
+
+    // What was expected is named in YAML's words, not by the Rust type behind it.
+    for (config, line) in [
+        (format!("{GOOD}  globex:\n"), "tenants.globex: invalid type: null, expected a mapping"),
+        (
+            GOOD.replace("      - issuer:", "      - 7\n      - issuer:"),
+            "tenants.acme.issuers[0]: invalid type: integer `7`, expected a mapping",
+        ),
+        (format!("{GOOD}token: 5\n"), "token: invalid type: integer `5`, expected a mapping"),
+    ] {
+        let out = subguard(
+            &["validate", "--config", ConfigDir::with(&config, USERS).config_path().to_str().unwrap()],
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(1));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.lines().any(|l| l == line), "expected {line:?}:\n{}", text(&out));
+        assert!(!stdout.contains("struct"), "{stdout}");
+    }
 }
 
 #[test]

@@ -453,6 +453,15 @@ fn validate_prints_one_line_per_error_whatever_the_yaml_holds() {
             "tenants.acme.issuers[0]: invalid type: integer `7`, expected a mapping",
         ),
         (format!("{GOOD}token: 5\n"), "token: invalid type: integer `5`, expected a mapping"),
+        // serde alone would read these by position: strip_authorization true, an issuer.
+        (
+            format!("{GOOD}forward: [x-t, x-u, x-r, true]\n"),
+            "forward: invalid type: sequence, expected a mapping",
+        ),
+        (
+            GOOD.replace("      - issuer:", "      - [\"https://idp.b.test/\", [orders]]\n      - issuer:"),
+            "tenants.acme.issuers[0]: invalid type: sequence, expected a mapping",
+        ),
     ] {
         let out = subguard(
             &["validate", "--config", ConfigDir::with(&config, USERS).config_path().to_str().unwrap()],

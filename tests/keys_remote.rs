@@ -328,7 +328,10 @@ async fn the_key_metrics_show_each_issuers_keys_and_when_they_were_last_fetched(
     sg.wait_ready(Duration::from_secs(10));
     let (keys, fetched) = key_gauges(&sg, ISS);
     let published: Value = serde_json::from_str(&jwks_text("issuer-a.jwks.json")).unwrap();
-    assert_eq!(keys, Some(published["keys"].as_array().unwrap().len() as f64), "RSA, two EC and an OKP key");
+    let kinds: Vec<_> =
+        published["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["rsa-1", "ec-256", "ec-384", "ed-1"]);
+    assert_eq!(keys, Some(2.0), "rsa-1 for RS256 and ec-256 for ES256; ec-384 and ed-1 verify neither");
     let fetched = fetched.expect("a timestamp once the keys loaded");
     assert!((unix_now() - 30.0..=unix_now()).contains(&fetched), "fetched just now: {fetched}");
 
@@ -358,4 +361,28 @@ async fn the_key_metrics_show_each_issuers_keys_and_when_they_were_last_fetched(
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(key_gauges(&sg, other).0, Some(1.0), "issuer-b's one key");
+}
+
+#[tokio::test]
+async fn an_issuer_whose_keys_fit_none_of_its_algorithms_shows_no_usable_keys() {
+    // An ES256-only issuer and a JWKS of RSA keys: it serves (validate warns), but nothing verifies.
+    let es_only =
+        config(ISS, "jwks_file: keys/rsa-only.json", 1).replace(r#"["RS256", "ES256"]"#, r#"["ES256"]"#);
+    let dir = ConfigDir::with(&es_only, USERS);
+    let published: Value = serde_json::from_str(&jwks_text("issuer-a.jwks.json")).unwrap();
+    let rsa: Vec<_> =
+        published["keys"].as_array().unwrap().iter().filter(|k| k["kty"] == "RSA").cloned().collect();
+    assert_eq!(rsa.len(), 1);
+    dir.write("keys/rsa-only.json", &json!({ "keys": rsa }).to_string());
+    let sg = Subguard::start_in(dir);
+    assert_eq!(key_gauges(&sg, ISS).0, Some(0.0), "an RSA key counted as usable for an ES256-only issuer");
+
+    // The same key for an issuer that allows RS256 is one usable key.
+    sg.dir.write_config(&config(ISS, "jwks_file: keys/rsa-only.json", 1));
+    sg.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while key_gauges(&sg, ISS).0 != Some(1.0) {
+        assert!(Instant::now() < deadline, "the RSA key of an RS256 issuer: {:?}", key_gauges(&sg, ISS));
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

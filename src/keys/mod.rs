@@ -215,7 +215,13 @@ impl KeySet {
     /// Whether no key of the set can verify any of `algorithms`: every token of such an issuer
     /// is `unsupported_algorithm` (its `kid` names a key of another type) or `unknown_key`.
     pub fn fits_none(&self, algorithms: &[Algorithm]) -> bool {
-        !self.keys.iter().any(|k| algorithms.iter().any(|&a| k.accepts(a)))
+        self.fitting(algorithms) == 0
+    }
+
+    /// How many keys of the set can verify at least one of `algorithms`: the keys an issuer
+    /// that allows those can use.
+    pub fn fitting(&self, algorithms: &[Algorithm]) -> usize {
+        self.keys.iter().filter(|k| algorithms.iter().any(|&a| k.accepts(a))).count()
     }
 
     /// Finds the keys that may verify a token with this `kid` and `alg`. A `kid` may name keys of

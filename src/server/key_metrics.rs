@@ -39,7 +39,11 @@ impl Collector for KeyMetrics {
                 let labels =
                     KeyLabels { tenant: Name(tenant.name.clone()), issuer: Name(issuer.iss.clone()) };
                 let set = issuer.keys.current();
-                let keys = set.as_ref().map_or(0, |s| i64::try_from(s.keys.len()).unwrap_or(i64::MAX));
+                // Usable: able to verify a token this tenant accepts from the issuer. A set of RSA
+                // keys for an ES256-only issuer reads 0, as it verifies nothing.
+                let keys = set
+                    .as_ref()
+                    .map_or(0, |s| i64::try_from(s.fitting(&issuer.algorithms)).unwrap_or(i64::MAX));
                 let fetched = set
                     .as_ref()
                     .and_then(|s| s.fetched_at.duration_since(UNIX_EPOCH).ok())
@@ -49,7 +53,7 @@ impl Collector for KeyMetrics {
         }
         let mut family = encoder.encode_descriptor(
             "jwks_keys",
-            "Usable signing keys of each tenant's issuer, as serving now (0 before any loaded)",
+            "Usable signing keys of each tenant's issuer (of a type one of its algorithms verifies), as serving now (0 before any loaded)",
             None,
             MetricType::Gauge,
         )?;

@@ -315,11 +315,17 @@ impl<'de, const JSON: bool> serde::de::Visitor<'de> for TenantSeed<'_, JSON> {
         for i in 0.. {
             let user = if JSON {
                 let Some(raw) = seq.next_element::<&'de RawValue>()? else { break };
-                match serde_json::from_str::<BorrowedUser>(raw.get()) {
-                    Ok(u) => {
+                // serde_json would also read a user written as a list, field by field by
+                // position; only a mapping takes the fast way (the general way refuses the rest).
+                let fast = match raw.get().trim_start().starts_with('{') {
+                    true => serde_json::from_str::<BorrowedUser>(raw.get()).ok(),
+                    false => None,
+                };
+                match fast {
+                    Some(u) => {
                         checked(|| at(i), u.sub, u.id, &u.roles, u.disabled, u.tokens_valid_after, self.roles)
                     }
-                    Err(_) => match serde_json::from_str::<Value>(raw.get()) {
+                    None => match serde_json::from_str::<Value>(raw.get()) {
                         Ok(v) => user(&at(i), v, self.roles),
                         Err(e) => Err(ConfigError::new(at(i), e.to_string())),
                     },
@@ -560,6 +566,19 @@ mod tests {
         assert!(UsersFile::parse(files[2]).unwrap().tenants["acme"].contains_key("b"));
         let errors = UsersFile::parse(files[3]).unwrap_err();
         assert!(errors.iter().any(|e| e.to_string() == "acme[5].sub: duplicate sub `a`"), "{errors:?}");
+    }
+
+    /// A user is a mapping of named fields: one written as a list is refused, not read field by
+    /// field by position (`disabled` third would be `roles`, and so on), in JSON and YAML alike.
+    #[test]
+    fn a_user_written_as_a_list_is_an_error() {
+        let json = r#"{"acme": [["u-1", "id-1", ["admin"], false, null], {"sub": "u-2"}]}"#;
+        let yaml = "acme:\n  - [u-1, id-1, [admin], false, null]\n  - sub: u-2\n";
+        for text in [json, yaml] {
+            let errors: Vec<String> =
+                UsersFile::parse(text).unwrap_err().iter().map(ToString::to_string).collect();
+            assert_eq!(errors, ["acme[0]: invalid type: sequence, expected a mapping"], "{text}");
+        }
     }
 
     /// The plain YAML shortcut reads a file only as the general reader reads it: random files

@@ -37,4 +37,5 @@ pub mod explain;
 pub mod keys;
 pub mod revocation;
 pub mod server;
+pub mod strict;
 pub mod telemetry;

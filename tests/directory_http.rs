@@ -186,6 +186,9 @@ async fn directory_unavailable_on_invalid_json_or_field_types() {
     let answers = [
         ("garbage", Answer::garbage()),
         ("array-body", Answer::user(json!([]))),
+        // Arrays serde alone would read by position as {id, roles, disabled, tokens_valid_after}.
+        ("array-of-fields", Answer::user(json!([null, null, null, null]))),
+        ("array-with-id", Answer::user(json!(["u-9", ["admin"], false, null]))),
         ("roles-string", Answer::user(json!({"roles": "admin"}))),
         ("roles-numbers", Answer::user(json!({"roles": [1, 2]}))),
         ("id-number", Answer::user(json!({"id": 5}))),

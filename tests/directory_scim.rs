@@ -353,6 +353,8 @@ async fn a_server_error_or_garbage_is_directory_unavailable() {
         // JSON, but not a ListResponse.
         ("notalist@example.com", Answer::user(json!({"hello": "world"}))),
         ("badtypes@example.com", Answer::user(json!({"totalResults": "one", "Resources": {}}))),
+        // A list, which serde alone would read as a ListResponse by position: totalResults 0.
+        ("positional@example.com", Answer::user(json!([0, []]))),
     ];
     for (sub, answer) in answers {
         scim().force_filter("flaky", &format!(r#"userName eq "{sub}""#), answer);

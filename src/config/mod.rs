@@ -8,7 +8,6 @@
 
 pub mod raw;
 pub mod read;
-mod strict;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -1313,7 +1312,7 @@ impl Loader {
 
 /// Deserializes `value`, naming the failing YAML path (below `prefix`) in the error.
 pub(crate) fn deserialize_at<T: DeserializeOwned>(prefix: &str, value: Value) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize::<_, T>(strict::Strict(value)).map_err(|e| {
+    serde_path_to_error::deserialize::<_, T>(crate::strict::Strict(value)).map_err(|e| {
         let inner = e.path().to_string();
         let path = match inner.as_str() {
             "." => prefix.to_string(),

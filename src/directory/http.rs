@@ -277,7 +277,7 @@ impl HttpDirectory {
         let (status, body) = self.client.get(&url, "application/json").await?;
         match status {
             StatusCode::OK => {
-                let u: HttpUser = serde_json::from_slice(&body)
+                let u: HttpUser = crate::strict::object_from_slice(&body)
                     .map_err(|e| FetchError::Data(format!("invalid user JSON: {e}")))?;
                 let user = user_from(
                     sub,

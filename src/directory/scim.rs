@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::http::{DirectoryClient, HttpSettings, encode_component, user_from};
 use super::{FetchError, Lookup};
+use crate::strict::object_from_slice;
 
 /// Which SCIM attribute the token's `sub` is matched against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,10 +143,10 @@ impl ScimDirectory {
         let (status, body) = self.client.get(&url, "application/scim+json, application/json").await?;
         let invalid = |e: serde_json::Error| FetchError::Data(format!("invalid SCIM response: {e}"));
         let user = match (self.match_by, status.as_u16()) {
-            (ScimMatch::Id, 200) => serde_json::from_slice::<ScimUser>(&body).map_err(invalid)?,
+            (ScimMatch::Id, 200) => object_from_slice::<ScimUser>(&body).map_err(invalid)?,
             (ScimMatch::Id, 404) => return Ok(Lookup::NotFound),
             (_, 200) => {
-                let list: ListResponse = serde_json::from_slice(&body).map_err(invalid)?;
+                let list: ListResponse = object_from_slice(&body).map_err(invalid)?;
                 match (list.total_results, list.resources.len()) {
                     (0, 0) => return Ok(Lookup::NotFound),
                     (1, 1) => {

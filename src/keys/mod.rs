@@ -188,7 +188,8 @@ impl KeySet {
         struct Doc {
             keys: Vec<serde_json::Value>,
         }
-        let doc: Doc = serde_json::from_slice(bytes).map_err(|e| KeyError::NotJwks(e.to_string()))?;
+        let doc: Doc =
+            crate::strict::object_from_slice(bytes).map_err(|e| KeyError::NotJwks(e.to_string()))?;
         let mut keys = Vec::new();
         let mut skipped = Vec::new();
         let mut unusable = Vec::new();
@@ -563,7 +564,7 @@ impl KeyStore {
         }
         let url = format!("{}/.well-known/openid-configuration", self.issuer.trim_end_matches('/'));
         let body = self.get(&url).await?;
-        let doc: Discovery = serde_json::from_slice(&body).map_err(|e| KeyError::Fetch {
+        let doc: Discovery = crate::strict::object_from_slice(&body).map_err(|e| KeyError::Fetch {
             url: url.clone(),
             reason: format!("not an OpenID configuration: {e}"),
         })?;
@@ -811,6 +812,18 @@ mod tests {
             "A".repeat(4000), // longer than any key's signature
         ] {
             assert!(!k.verify(Algorithm::RS256, MESSAGE, &bad), "{bad:.40}");
+        }
+    }
+
+    #[test]
+    fn a_key_set_is_a_json_object_with_keys() {
+        let doc: serde_json::Value = serde_json::from_slice(&fixture("issuer-a.jwks.json")).unwrap();
+        assert!(KeySet::from_jwks(&serde_json::to_vec(&doc).unwrap()).is_ok());
+        // The same keys as a list, which serde alone reads as `{"keys": ...}` by position.
+        let listed = serde_json::to_vec(&serde_json::json!([doc["keys"]])).unwrap();
+        match KeySet::from_jwks(&listed) {
+            Err(KeyError::NotJwks(why)) => assert_eq!(why, "invalid type: sequence, expected a JSON object"),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -70,7 +70,7 @@ impl Event {
         if payload.len() > MAX_EVENT_BYTES {
             return Err(format!("{} bytes, over the {MAX_EVENT_BYTES}-byte limit", payload.len()));
         }
-        let event: Event = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        let event: Event = crate::strict::object_from_slice(payload).map_err(|e| e.to_string())?;
         event.validate()?;
         Ok(event)
     }
@@ -139,6 +139,9 @@ mod tests {
             r#"{"type":"token.revoked","jti":"","exp":1}"#,
             r#"{"type":"token.revoked","jti":"j"}"#,
             r#"["user.deleted"]"#,
+            // serde alone reads an internally tagged enum from a list: the tag, then the fields.
+            r#"["user.deleted", "acme", "alice"]"#,
+            r#"["token.revoked", "j-1", 1763903600]"#,
         ] {
             assert!(Event::parse(bad.as_bytes()).is_err(), "{bad} was accepted");
         }

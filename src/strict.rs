@@ -1,13 +1,24 @@
-//! Reading config sections as mappings only. serde lets a derived struct be read from a sequence
-//! too, its fields taken by position, so `forward: [x-a, x-b, x-c, true]` would quietly set
-//! `strip_authorization`. A config names what it sets: [`Strict`] hands serde a parsed YAML value
-//! in which a sequence where a struct is expected is a type error, and is otherwise
-//! `serde_json::Value`'s own deserializer.
+//! Documents read by name, never by position. serde lets a derived struct be read from a sequence
+//! too, its fields taken in declaration order: `forward: [x-a, x-b, x-c, true]` would quietly set
+//! `strip_authorization`, and a directory answering `[null, null, null, null]` would name a user.
+//! Every document subguard reads (its config, users files, directory answers, key sets, events)
+//! is a mapping of named members. [`Strict`] reads a parsed YAML value that way at every depth;
+//! [`object_from_slice`] refuses a JSON document that is not an object.
 
 use serde::de::{
-    self, DeserializeSeed, Deserializer, IntoDeserializer, MapAccess, SeqAccess, Unexpected, Visitor,
+    self, DeserializeOwned, DeserializeSeed, Deserializer, IntoDeserializer, MapAccess, SeqAccess,
+    Unexpected, Visitor,
 };
 use serde_json::Value;
+
+/// `T` from a JSON document that must be an object: an array is a type error (serde_json alone
+/// would read a struct from it by position); anything else reads as `serde_json::from_slice`.
+pub fn object_from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => Err(de::Error::invalid_type(Unexpected::Seq, &"a JSON object")),
+        _ => serde_json::from_slice(bytes),
+    }
+}
 
 /// A parsed value that refuses to be read as a struct unless it is a mapping, at every depth.
 pub struct Strict(pub Value);
@@ -171,6 +182,21 @@ mod tests {
             let e = read(v.clone()).unwrap_err();
             assert!(e.contains("invalid type: sequence, expected a mapping"), "{v}: {e}");
         }
+    }
+
+    #[test]
+    fn a_json_document_that_is_an_array_is_not_read_as_an_object() {
+        let from = |text: &str| super::object_from_slice::<Inner>(text.as_bytes()).map_err(|e| e.to_string());
+        assert_eq!(from(r#" {"name": "a"}"#).unwrap(), Inner { name: "a".into(), on: None });
+        assert!(
+            serde_json::from_str::<Inner>(r#"["a", null]"#).is_ok(),
+            "serde_json alone reads it by position"
+        );
+        for text in [r#"["a", null]"#, "\n [", "[]"] {
+            assert_eq!(from(text).unwrap_err(), "invalid type: sequence, expected a JSON object", "{text:?}");
+        }
+        assert!(from("7").unwrap_err().starts_with("invalid type: integer `7`"));
+        assert!(from("").unwrap_err().starts_with("EOF while parsing"));
     }
 
     #[test]

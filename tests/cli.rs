@@ -371,6 +371,18 @@ fn files_a_config_names_must_be_regular_files_within_a_limit() {
             &*format!("directory.path: not a regular file but a named pipe: {}", fifo.display()),
         ),
         (GOOD.replace("path: users.yaml", "path: ."), "directory.path: not a regular file but a directory: "),
+        // An empty path would name the config's folder.
+        (
+            GOOD.replace("jwks_file: keys/issuer-a.jwks.json", "jwks_file: \" \""),
+            "tenants.acme.issuers[0].jwks_file: must name a file, not be empty",
+        ),
+        (
+            GOOD.replace(
+                "kind: file\n  path: users.yaml",
+                "kind: http\n  url: https://dir.test/{sub}\n  ca_file: \"\"",
+            ),
+            "directory.ca_file: must name a file, not be empty",
+        ),
         (
             GOOD.replace("jwks_file: keys/issuer-a.jwks.json", "jwks_file: /dev/urandom"),
             "tenants.acme.issuers[0].jwks_file: not a regular file but a character device: /dev/urandom",

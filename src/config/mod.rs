@@ -423,6 +423,16 @@ impl Loader {
         deserialize_at(prefix, value).map_err(|e| self.errors.push(e)).ok()
     }
 
+    /// The file `p` names, relative to the config's folder; `None` (reported at `at`) when `p` is
+    /// empty, which would name the folder itself.
+    fn file_path(&mut self, at: String, p: &str) -> Option<PathBuf> {
+        if p.trim().is_empty() {
+            self.err(at, "must name a file, not be empty");
+            return None;
+        }
+        Some(self.resolve(p))
+    }
+
     fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
@@ -850,7 +860,7 @@ impl Loader {
                     self.err(format!("{p}.max_file_bytes"), "must be greater than 0");
                     return None;
                 }
-                let full = self.resolve(file);
+                let full = self.file_path(format!("{p}.path"), file)?;
                 let users = match users_cache.get(&(full.clone(), max_bytes)) {
                     Some(cached) => cached.clone(),
                     None => {
@@ -1016,17 +1026,17 @@ impl Loader {
         }
         let ca_pem = match &raw.ca_file {
             None => None,
-            Some(f) => match read::file(
-                &{
-                    self.extra_files.push(self.resolve(f));
-                    self.resolve(f)
-                },
-                read::SMALL_FILE_MAX_BYTES,
-            ) {
-                Ok(pem) => Some(pem),
-                Err(e) => {
-                    self.err(format!("{p}.ca_file"), format!("{e}: {f}"));
-                    None
+            Some(f) => match self.file_path(format!("{p}.ca_file"), f) {
+                None => None,
+                Some(path) => {
+                    self.extra_files.push(path.clone());
+                    match read::file(&path, read::SMALL_FILE_MAX_BYTES) {
+                        Ok(pem) => Some(pem),
+                        Err(e) => {
+                            self.err(format!("{p}.ca_file"), format!("{e}: {f}"));
+                            None
+                        }
+                    }
                 }
             },
         };
@@ -1099,8 +1109,9 @@ impl Loader {
             )
         });
         let ca_pem = raw.ca_file.as_ref().and_then(|f| {
-            self.extra_files.push(self.resolve(f));
-            match read::file(&self.resolve(f), read::SMALL_FILE_MAX_BYTES) {
+            let path = self.file_path(format!("{p}.ca_file"), f)?;
+            self.extra_files.push(path.clone());
+            match read::file(&path, read::SMALL_FILE_MAX_BYTES) {
                 Ok(pem) => Some(pem),
                 Err(e) => {
                     self.err(format!("{p}.ca_file"), format!("{e}: {f}"));
@@ -1165,8 +1176,9 @@ impl Loader {
         match (value, from_file, from_env) {
             (Some(v), None, None) => Some(v.to_string()),
             (None, Some(f), None) => {
-                self.extra_files.push(self.resolve(f));
-                match read::text(&self.resolve(f), read::SMALL_FILE_MAX_BYTES) {
+                let path = self.file_path(format!("{p}.from_file"), f)?;
+                self.extra_files.push(path.clone());
+                match read::text(&path, read::SMALL_FILE_MAX_BYTES) {
                     Ok(v) => Some(v.trim_end_matches(['\n', '\r']).to_string()),
                     Err(e) => {
                         self.err(format!("{p}.from_file"), format!("{e}: {f}"));
@@ -1259,7 +1271,7 @@ impl Loader {
             return None;
         }
         let keys = if let Some(file) = raw.jwks_file {
-            let path = self.resolve(&file);
+            let path = self.file_path(format!("{ip}.jwks_file"), &file)?;
             match read::file(&path, crate::keys::MAX_DOCUMENT_BYTES as u64) {
                 Err(e) => {
                     self.err(format!("{ip}.jwks_file"), format!("{e}: {file}"));

@@ -433,6 +433,15 @@ impl Loader {
         Some(self.resolve(p))
     }
 
+    /// The PEM of `{p}.ca_file` (watched for reloads), or `None` with its error reported.
+    fn ca_file(&mut self, p: &str, f: &str) -> Option<Vec<u8>> {
+        let path = self.file_path(format!("{p}.ca_file"), f)?;
+        self.extra_files.push(path.clone());
+        read::file(&path, read::SMALL_FILE_MAX_BYTES)
+            .map_err(|e| self.err(format!("{p}.ca_file"), format!("{e}: {f}")))
+            .ok()
+    }
+
     fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
@@ -1024,22 +1033,7 @@ impl Loader {
             }
             headers.push((lower, value));
         }
-        let ca_pem = match &raw.ca_file {
-            None => None,
-            Some(f) => match self.file_path(format!("{p}.ca_file"), f) {
-                None => None,
-                Some(path) => {
-                    self.extra_files.push(path.clone());
-                    match read::file(&path, read::SMALL_FILE_MAX_BYTES) {
-                        Ok(pem) => Some(pem),
-                        Err(e) => {
-                            self.err(format!("{p}.ca_file"), format!("{e}: {f}"));
-                            None
-                        }
-                    }
-                }
-            },
-        };
+        let ca_pem = raw.ca_file.as_deref().and_then(|f| self.ca_file(p, f));
         let settings = HttpSettings { timeout, connect_timeout, headers, ca_pem, max_response_bytes };
         if self.errors.len() == before
             && let Err(msg) = crate::directory::http::DirectoryClient::new(&settings)
@@ -1108,17 +1102,7 @@ impl Loader {
                 s.from_env.as_deref(),
             )
         });
-        let ca_pem = raw.ca_file.as_ref().and_then(|f| {
-            let path = self.file_path(format!("{p}.ca_file"), f)?;
-            self.extra_files.push(path.clone());
-            match read::file(&path, read::SMALL_FILE_MAX_BYTES) {
-                Ok(pem) => Some(pem),
-                Err(e) => {
-                    self.err(format!("{p}.ca_file"), format!("{e}: {f}"));
-                    None
-                }
-            }
-        });
+        let ca_pem = raw.ca_file.as_deref().and_then(|f| self.ca_file(p, f));
         let key_prefix = raw.key_prefix.unwrap_or_else(|| "subguard:".into());
         let channel = raw.channel.unwrap_or_else(|| "subguard:events".into());
         if channel.is_empty() {

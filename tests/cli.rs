@@ -157,6 +157,15 @@ fn directory_urls_that_would_send_every_lookup_to_one_url_are_refused() {
         (r#"{kind: http, url: "http://127.0.0.1:1/users/{sub}#frag"}"#, "directory.url"),
         (r#"{kind: scim, url: "http://127.0.0.1:1/scim/v2#"}"#, "directory.url"),
         (r#"{kind: scim, url: "http://127.0.0.1:1/scim/v2?tenant=acme"}"#, "directory.url"),
+        // A placeholder that does not exist would be sent as it is, the same for every tenant.
+        (
+            r#"{kind: scim, url: "http://127.0.0.1:1/{tennant}/scim/v2"}"#,
+            "directory.url: `http://127.0.0.1:1/{tennant}/scim/v2`: unknown placeholder",
+        ),
+        (
+            r#"{kind: http, url: "http://127.0.0.1:1/{tennant}/{sub}"}"#,
+            "directory.url: `http://127.0.0.1:1/{tennant}/{sub}`: unknown placeholder",
+        ),
     ] {
         let config =
             GOOD.replace("directory:\n  kind: file\n  path: users.yaml", &format!("directory: {directory}"));

@@ -568,6 +568,18 @@ revocation:
             "revocation.password.from_env: environment variable",
         ),
         (
+            "  redis_url: \"redis://127.0.0.1:6379\"\n  password: {from_env: SUBGUARD_TEST_EMPTY_VAR}\n",
+            "revocation.password.from_env: environment variable `SUBGUARD_TEST_EMPTY_VAR` is empty",
+        ),
+        (
+            "  redis_url: \"redis://127.0.0.1:6379\"\n  password: {from_file: empty-secret}\n",
+            "revocation.password.from_file: the file is empty: empty-secret",
+        ),
+        (
+            "  redis_url: \"redis://127.0.0.1:6379\"\n  password: {value: \"\"}\n",
+            "revocation.password.value: must not be empty",
+        ),
+        (
             "  redis_url: \"redis://127.0.0.1:6379\"\n  timeout_ms: 0\n",
             "revocation.timeout_ms: must be greater than 0",
         ),
@@ -582,12 +594,14 @@ revocation:
         ("  redis_url: \"rediss://127.0.0.1:6380\"\n  ca_file: not-a-ca.pem\n", "revocation.ca_file"),
     ];
     dir.write("not-a-ca.pem", "this is not PEM\n");
+    dir.write("empty-secret", "\n");
     for (section, expected) in cases {
         dir.write_config(&base(section));
         let out = Command::new(env!("CARGO_BIN_EXE_subguard"))
             .args(["validate", "--config"])
             .arg(dir.config_path())
             .env_remove("SUBGUARD_TEST_UNSET_VAR")
+            .env("SUBGUARD_TEST_EMPTY_VAR", "")
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);

@@ -947,6 +947,13 @@ impl Loader {
                         }
                     };
                     let sample = url.replace("{tenant}", "tenant");
+                    if sample.contains(['{', '}']) && !url.contains("{sub}") {
+                        self.err(
+                            format!("{p}.url"),
+                            format!("`{url}`: unknown placeholder; a SCIM base URL may hold {{tenant}} only"),
+                        );
+                        return None;
+                    }
                     match reqwest::Url::parse(&sample) {
                         // Lookups append `/Users...` to the base: after a query or a fragment
                         // that path would not reach the server, and every sub would be one request.
@@ -1157,12 +1164,22 @@ impl Loader {
         from_file: Option<&str>,
         from_env: Option<&str>,
     ) -> Option<String> {
+        // An empty secret is a mistake (a Secret key not mounted, a variable set from nothing), and
+        // sending it would only make every lookup fail at the other end: refused here instead.
         match (value, from_file, from_env) {
+            (Some(""), None, None) => {
+                self.err(format!("{p}.value"), "must not be empty");
+                None
+            }
             (Some(v), None, None) => Some(v.to_string()),
             (None, Some(f), None) => {
                 let path = self.file_path(format!("{p}.from_file"), f)?;
                 self.extra_files.push(path.clone());
                 match read::text(&path, read::SMALL_FILE_MAX_BYTES) {
+                    Ok(v) if v.trim_end_matches(['\n', '\r']).is_empty() => {
+                        self.err(format!("{p}.from_file"), format!("the file is empty: {f}"));
+                        None
+                    }
                     Ok(v) => Some(v.trim_end_matches(['\n', '\r']).to_string()),
                     Err(e) => {
                         self.err(format!("{p}.from_file"), format!("{e}: {f}"));
@@ -1171,6 +1188,10 @@ impl Loader {
                 }
             }
             (None, None, Some(var)) => match std::env::var(var) {
+                Ok(v) if v.is_empty() => {
+                    self.err(format!("{p}.from_env"), format!("environment variable `{var}` is empty"));
+                    None
+                }
                 Ok(v) => Some(v),
                 Err(_) => {
                     self.err(format!("{p}.from_env"), format!("environment variable `{var}` is not set"));

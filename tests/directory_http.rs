@@ -273,7 +273,11 @@ async fn dot_and_dotdot_subs_are_not_found_without_asking() {
     for sub in [".", ".."] {
         assert_reason(&ask_sub(sub).await, "user_not_found", 403);
         assert_eq!(dir().requests("acme", sub), 0);
+        // The deny's detail says so, rather than name a GET that was never made.
+        let needle = format!("not asked: a sub of `{sub}` would be a step in the URL's path");
+        assert!(!shared().subguard.logged(&needle).is_empty(), "no deny logged with {needle:?}");
     }
+    assert!(shared().subguard.logged("no such user: not asked").len() >= 2);
     for path in dir().raw_paths() {
         let in_collection = ["/tenants/acme/users/", "/tenants/flaky/users/"]
             .iter()

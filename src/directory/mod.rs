@@ -176,6 +176,9 @@ impl Directory {
 
     /// Where lookups go, for logs and `explain`.
     pub fn describe(&self, tenant: &str, sub: &str) -> String {
+        if self.backend.answer_without_asking(sub).is_some() {
+            return format!("not asked: a sub of `{sub}` would be a step in the URL's path, never a user");
+        }
         match &self.backend {
             Backend::File(f) => format!("file {} (tenant {tenant})", f.path().display()),
             Backend::Http(h) => h.describe(tenant, sub),

@@ -257,6 +257,37 @@ fn a_broken_default_directory_is_reported_once_not_again_for_each_tenant() {
 }
 
 #[test]
+fn the_admin_listener_is_off_however_yaml_spells_off() {
+    let dir = ConfigDir::with(GOOD, USERS);
+    let admin = |value: &str| {
+        let text = GOOD.replace("  admin: \"127.0.0.1:0\"", &format!("  admin: {value}"));
+        assert_ne!(text, GOOD);
+        subguard::config::from_yaml(&text, &dir.config_path(), dir.path())
+            .map(|c| c.listen.admin)
+            .map_err(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>())
+    };
+    // Unquoted, YAML reads `off` (and `no`, `false`) as the boolean false.
+    for off in ["off", "\"off\"", "false", "no", "\"\""] {
+        assert_eq!(admin(off), Ok(None), "admin: {off}");
+    }
+    assert_eq!(admin("\"127.0.0.1:9300\"").unwrap().map(|a| a.port()), Some(9300));
+    assert_eq!(admin("").unwrap().map(|a| a.port()), Some(9192), "absent: the default");
+    assert_eq!(
+        admin("true"),
+        Err(vec![
+            r#"listen.admin: invalid value: boolean `true`, expected an ip:port address, or "off""#
+                .to_string()
+        ])
+    );
+    assert_eq!(
+        admin("5"),
+        Err(vec![
+            r#"listen.admin: invalid type: integer `5`, expected an ip:port address, or "off""#.to_string()
+        ])
+    );
+}
+
+#[test]
 fn a_leeway_of_hours_is_refused_and_one_of_minutes_warned_about() {
     let with_leeway = |s: u64| format!("{GOOD}token:\n  leeway_seconds: {s}\n");
     let dir = ConfigDir::with(&with_leeway(86_400), USERS);

@@ -8,7 +8,33 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     pub grpc: Option<String>,
+    #[serde(default, deserialize_with = "address_or_off")]
     pub admin: Option<String>,
+}
+
+/// An address, or `off`: YAML 1.1 reads an unquoted `off` (and `no`, `false`) as the boolean
+/// false, which means the same here.
+fn address_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct AddressOrOff;
+    impl serde::de::Visitor<'_> for AddressOrOff {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an ip:port address, or \"off\"")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            match v {
+                false => Ok(Some("off".to_string())),
+                true => Err(E::invalid_value(serde::de::Unexpected::Bool(true), &self)),
+            }
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(AddressOrOff)
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -115,11 +115,16 @@ impl Reply {
 /// which an HTTP client library would not always allow. `x-test-marker: <marker>` is added so
 /// the application's view of this request can be found.
 fn get(marker: &str, headers: &[(&str, &str)]) -> Reply {
+    get_path(&format!("/orders/{marker}"), marker, headers)
+}
+
+/// [`get`] of another path.
+fn get_path(path: &str, marker: &str, headers: &[(&str, &str)]) -> Reply {
     use std::io::{Read, Write};
     let s = shared();
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", s.envoy.listener_port)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut request = format!("GET /orders/{marker} HTTP/1.1\r\n");
+    let mut request = format!("GET {path} HTTP/1.1\r\n");
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         request.push_str("host: orders.internal\r\n");
     }
@@ -193,6 +198,36 @@ const SPOOFED: [(&str, &str); 8] = [
     ("x-user-id", ""),
     ("x-user-roles", "admin\tinjected"),
 ];
+
+/// An application that reads headers CGI-style (WSGI, Rack, PHP) sees `x_user_roles` as
+/// `x-user-roles`, and subguard overwrites only the latter: the shipped config refuses any header
+/// name with an underscore, allowed token or not.
+#[test]
+fn identity_headers_spelled_with_underscores_are_refused() {
+    let bob = format!("Bearer {}", token("bob"));
+    for (i, spoof) in
+        [("x_user_roles", "admin"), ("x_user_id", "root"), ("X_Tenant_Id", "globex"), ("x-user_id", "root")]
+            .into_iter()
+            .enumerate()
+    {
+        let marker = format!("underscore-{i}");
+        let reply = get(&marker, &[("host", "acme.api.example.com"), ("authorization", &bob), spoof]);
+        assert_eq!(reply.status, 400, "{spoof:?}: {} {:?}", reply.status, reply.headers);
+        assert!(shared().upstream.saw(&marker).is_none(), "{spoof:?} reached the application");
+    }
+}
+
+/// /healthz skips the check, so nothing there vouches for an identity: the client's copies of the
+/// identity headers are removed before the application sees the request.
+#[test]
+fn identity_headers_never_reach_the_app_on_the_unchecked_route() {
+    let reply = get_path("/healthz", "healthz-spoof", &SPOOFED);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let seen = shared().upstream.saw("healthz-spoof").expect("the app got the probe");
+    for name in ["x-user-id", "x-user-roles", "x-tenant-id"] {
+        assert_eq!(values(&seen, name), Vec::<String>::new(), "{name}: {:?}", seen.headers);
+    }
+}
 
 #[test]
 fn spoofed_identity_headers_never_reach_the_app_on_an_allowed_request() {

@@ -297,9 +297,9 @@ where
             Future = BoxFuture<http::Response<tonic::body::Body>, Infallible>,
         > + tonic::server::NamedService,
 {
-    type Response = http::Response<tonic::body::Body>;
+    type Response = http::Response<Answering>;
     type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
+    type Future = Answered;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -310,23 +310,90 @@ where
         let authz = match service_of(req.uri().path()) {
             Some(AuthorizationService::NAME) => true,
             Some(name) if name == H::NAME => false,
-            _ => return unimplemented(),
+            _ => return Answered { inner: unimplemented(), place: None },
         };
+        let state = &self.authz.state;
         let (parts, body) = req.into_parts();
-        let Some(body) = Budgeted::take(body, &self.authz.state) else {
-            return Box::pin(async {
-                Ok(Status::resource_exhausted("too many requests being received at once").into_http())
-            });
+        let Some(body) = Budgeted::take(body, state) else {
+            return Answered::refused(Status::resource_exhausted("too many requests being received at once"));
         };
         let req = http::Request::from_parts(parts, body);
-        if authz { self.authz.call(req) } else { self.health.call(req) }
+        if !authz {
+            return Answered { inner: self.health.call(req), place: None };
+        }
+        // One of the `max_in_flight_checks` places, from the request until its answer has been
+        // sent or the stream is gone: see `Answering`.
+        let limit = state.policy.load().config.max_in_flight;
+        let Some(place) = Place::take(state.in_flight.clone(), limit) else {
+            state.metrics.check_shed();
+            tracing::warn!(limit, "overloaded: check refused at once");
+            return Answered::refused(Status::resource_exhausted(
+                "subguard is overloaded: too many checks in flight",
+            ));
+        };
+        Answered { inner: self.authz.call(req), place: Some(place) }
     }
 }
 
-/// The answer to a method or service subguard does not serve: UNIMPLEMENTED, as generated servers
-/// answer.
+/// The answer to a method or service subguard does not serve: UNIMPLEMENTED, as generated
+/// servers answer.
 fn unimplemented() -> BoxFuture<http::Response<tonic::body::Body>, Infallible> {
     Box::pin(async { Ok(Status::unimplemented("").into_http()) })
+}
+
+/// The future of [`Routes`]: the service's answer, its body made an [`Answering`].
+pub struct Answered {
+    inner: BoxFuture<http::Response<tonic::body::Body>, Infallible>,
+    place: Option<Place<Arc<AtomicUsize>>>,
+}
+
+impl Answered {
+    /// `status` at once: a trailers-only answer, headers only.
+    fn refused(status: Status) -> Answered {
+        Answered { inner: Box::pin(async move { Ok(status.into_http()) }), place: None }
+    }
+}
+
+impl std::future::Future for Answered {
+    type Output = Result<http::Response<Answering>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let response = std::task::ready!(this.inner.as_mut().poll(cx))?;
+        let place = this.place.take();
+        Poll::Ready(Ok(response.map(|body| Answering { body, _place: place })))
+    }
+}
+
+/// An answer's body on its way out, holding its check's place among `max_in_flight_checks` until
+/// hyper has sent it or the stream is gone. hyper sends a message only as far as the client's
+/// HTTP/2 window allows, so a client that never grants one (Envoy always does) keeps its checks'
+/// places: past the limit, further checks are refused with a trailers-only `RESOURCE_EXHAUSTED`,
+/// headers only, which flow control does not hold back. Without this, every check answered into
+/// a closed window kept its stream in memory without bound (870 MB in 4 s from a local peer).
+pub struct Answering {
+    body: tonic::body::Body,
+    _place: Option<Place<Arc<AtomicUsize>>>,
+}
+
+impl Body for Answering {
+    type Data = <tonic::body::Body as Body>::Data;
+    type Error = <tonic::body::Body as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 struct CheckMethod(Arc<State>);
@@ -350,12 +417,7 @@ async fn check(state: &State, req: wire::CheckRequest) -> Result<Answer, Status>
     let started = Instant::now();
     let metrics = &state.metrics;
     let policy = state.policy.load_full();
-    // One of the `max_in_flight_checks` places, given back when the check ends or is cancelled.
-    let Some(_place) = Place::take(&state.in_flight, policy.config.max_in_flight) else {
-        metrics.check_shed();
-        tracing::warn!(limit = policy.config.max_in_flight, "overloaded: check refused at once");
-        return Err(Status::resource_exhausted("subguard is overloaded: too many checks in flight"));
-    };
+    // Its place among `max_in_flight_checks` was taken by `Routes::call`.
     let _in_flight = metrics.check_started();
     let view = EnvoyRequest::new(&req);
     let request_id = view.request_id();

@@ -109,14 +109,16 @@ impl Listen for UnixListener {
 /// Serves `service` on every connection `listener` accepts until `shutdown` resolves; then stops
 /// accepting, asks every connection to finish (GOAWAY: streams in flight complete, no new ones
 /// start) and returns once all are closed.
-pub async fn serve<L, S>(listener: L, service: S, shutdown: impl Future<Output = ()>)
+pub async fn serve<L, S, B>(listener: L, service: S, shutdown: impl Future<Output = ()>)
 where
     L: Listen,
-    S: Service<http::Request<Incoming>, Response = http::Response<tonic::body::Body>, Error = Infallible>
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     // Every connection holds a receiver: told to stop through it, and counted by it.
     let (stop, stopped) = watch::channel(false);

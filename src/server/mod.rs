@@ -31,8 +31,8 @@ use prometheus_client::registry::Registry;
 /// State shared by the listeners. The policy is swapped whole on reload; readers never block.
 pub struct State {
     pub policy: ArcSwap<Policy>,
-    /// Checks being decided right now (for load shedding).
-    pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Checks being decided, or decided and their answer not yet written (for load shedding).
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Request bytes received and not yet decoded (`grpc::PENDING_REQUEST_BYTES` bounds them).
     pub pending_request_bytes: std::sync::atomic::AtomicUsize,
     /// Requests being received (`grpc::RECEIVING_REQUESTS` bounds them).
@@ -51,7 +51,7 @@ impl State {
             subguard.register_collector(Box::new(cache_metrics::CacheMetrics(state.clone())));
             State {
                 policy: ArcSwap::from_pointee(policy),
-                in_flight: std::sync::atomic::AtomicUsize::new(0),
+                in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
                 pending_request_bytes: std::sync::atomic::AtomicUsize::new(0),
                 receiving_requests: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
                 metrics,

@@ -53,14 +53,27 @@ pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 /// beyond that is closed at once (dropped), and warned about at most every 10 s.
 pub struct Places {
     listener: &'static str,
+    /// What the listener does at the limit, for the warning.
+    at_limit: &'static str,
     limit: usize,
     places: Arc<tokio::sync::Semaphore>,
     warned_at: Option<Instant>,
 }
 
 impl Places {
-    pub fn new(listener: &'static str, limit: usize) -> Self {
-        Places { listener, limit, places: Arc::new(tokio::sync::Semaphore::new(limit)), warned_at: None }
+    pub fn new(listener: &'static str, limit: usize, at_limit: &'static str) -> Self {
+        Places {
+            listener,
+            at_limit,
+            limit,
+            places: Arc::new(tokio::sync::Semaphore::new(limit)),
+            warned_at: None,
+        }
+    }
+
+    /// A place given back within `wait`, once [`Places::take`] found none.
+    pub async fn take_within(&self, wait: Duration) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::time::timeout(wait, self.places.clone().acquire_owned()).await.ok()?.ok()
     }
 
     /// A place for a connection just accepted, held until the permit is dropped; `None`: close it.
@@ -70,8 +83,9 @@ impl Places {
             self.warned_at = Some(Instant::now());
             tracing::warn!(
                 limit = self.limit,
-                "{} listener: connection limit reached; closing new connections",
-                self.listener
+                "{} listener: connection limit reached; {}",
+                self.listener,
+                self.at_limit
             );
         }
         place
@@ -124,7 +138,7 @@ where
     let (stop, stopped) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let batch = one_worker();
-    let mut places = Places::new("grpc", MAX_CONNECTIONS);
+    let mut places = Places::new("grpc", MAX_CONNECTIONS, "closing new connections");
     loop {
         let io = tokio::select! {
             _ = &mut shutdown => break,

@@ -1582,6 +1582,60 @@ async fn key_replaced_under_the_same_kid(token_settings: &str) {
     assert_allowed_as(&out, "acme", "acme-alice", "the new key's token");
 }
 
+#[tokio::test]
+async fn a_key_that_comes_to_pin_another_alg_stops_the_tokens_it_no_longer_accepts() {
+    // The same key material under the same kid, now published with `alg: PS256`: RS256 tokens
+    // verified (and remembered) before must fail from the next key fetch on.
+    let k1 = |alg: Option<&str>| {
+        let mut key: Value =
+            serde_json::from_str::<Value>(&jwks_text("issuer-a.jwks.json")).unwrap()["keys"][0].clone();
+        key["kid"] = json!("k1");
+        if let Some(alg) = alg {
+            key["alg"] = json!(alg);
+        }
+        json!({"keys": [key]}).to_string()
+    };
+    let idp = Recorder::start(&k1(None));
+    let config = single_tenant_config(&format!(r#"jwks_uri: "{}""#, idp.url("/jwks")), 8192, 1);
+    let sg = Subguard::start(&config, ACME_ALICE);
+    let mut client = sg.client().await;
+    let token = |alg| {
+        TokenBuilder::new("k1", alg).signed_by("rsa-1").iss(ISS_ACME).aud("orders").sub("alice").build()
+    };
+    let rs256 = token(Algorithm::RS256);
+    for _ in 0..3 {
+        let out = client.call(&CheckCall::new().tenant("acme").bearer(&rs256)).await;
+        assert_allowed_as(&out, "acme", "acme-alice", "RS256 before the key pins PS256");
+    }
+
+    idp.set_jwks(&k1(Some("PS256")));
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = idp.requests().len();
+    let probe = TokenBuilder::new("probe", Algorithm::RS256)
+        .signed_by("rsa-2")
+        .iss(ISS_ACME)
+        .aud("orders")
+        .sub("alice")
+        .build();
+    assert_denied(
+        &client.call(&CheckCall::new().tenant("acme").bearer(&probe)).await,
+        "unknown_key",
+        &probe,
+        "probe",
+    );
+    assert_eq!(idp.requests().len(), before + 1, "the probe fetched the new key set");
+
+    let out = client.call(&CheckCall::new().tenant("acme").bearer(&rs256)).await;
+    assert_denied(
+        &out,
+        "unsupported_algorithm",
+        &rs256,
+        "the remembered RS256 token once the key pins PS256",
+    );
+    let out = client.call(&CheckCall::new().tenant("acme").bearer(&token(Algorithm::PS256))).await;
+    assert_allowed_as(&out, "acme", "acme-alice", "a PS256 token of the same key");
+}
+
 #[test]
 fn a_users_file_with_control_characters_in_ids_or_roles_is_refused() {
     // The forwarded id and roles become header values for the application: a CR or LF there would

@@ -375,6 +375,9 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
         ctx.update(part.as_deref().unwrap_or("").as_bytes());
         ctx.update(&[0]);
     }
+    // The `alg` a key pins is part of what it verifies: a key that comes to pin another one is
+    // another key to the token cache, whose remembered tokens are then checked again.
+    ctx.update(alg.map(|a| format!("{a:?}")).unwrap_or_default().as_bytes());
     let mut fingerprint = [0u8; 32];
     fingerprint.copy_from_slice(ctx.finish().as_ref());
     Ok(VerifyingKey { kid: jwk.kid, fingerprint, kind, alg, parsed })

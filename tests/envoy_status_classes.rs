@@ -280,3 +280,39 @@ async fn through_envoy_over_the_unix_socket_config() {
     assert_eq!((r.status, r.header("x-subguard-reason")), (403, Some("user_not_found")));
     drop(subguard);
 }
+
+/// `envoy/subguard-routes-pinned.yaml`: /acme/... is pinned to acme, /globex/... to globex, in any
+/// case of the path, and a tenant's segment with parameters (`/acme;v=1/`, which servlet
+/// containers read as `/acme/`) is refused, so a globex user cannot reach acme's paths by another
+/// spelling of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_pinned_config_pins_every_spelling_of_a_tenants_path() {
+    let dir = ConfigDir::new();
+    let socket = dir.socket_path();
+    dir.write_config(&config(&format!("unix://{}", socket.display()), free_port()));
+    dir.write_users(USERS);
+    let subguard = Subguard::start_unready(dir);
+    let upstream = Upstream::start();
+    let envoy = EnvoyBuilder::new(shipped_config("subguard-routes-pinned.yaml"))
+        .upstream_port(upstream.port())
+        .replace("path: /run/subguard/authz.sock", &format!("path: {}", socket.display()))
+        .start();
+    let globex =
+        TokenBuilder::new("other-rsa", Algorithm::RS256).iss(ISS_GLOBEX).aud("orders").sub("u-77").build();
+    let headers = [("authorization", bearer(&globex)), ("x-tenant-id", "globex".to_string())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let status = |r: &Reply| (r.status, r.header("x-subguard-reason").map(str::to_string));
+    for path in ["/globex/orders", "/globex", "/GLOBEX/orders", "/orders"] {
+        let r = get(&envoy, path, "shared.internal", &headers).await;
+        assert_eq!(status(&r), (200, None), "{path}: {}", r.body);
+    }
+    for path in ["/acme/orders", "/acme", "/ACME/orders", "/Acme/orders"] {
+        let r = get(&envoy, path, "shared.internal", &headers).await;
+        assert_eq!(status(&r), (403, Some("tenant_mismatch".into())), "{path}: {}", r.body);
+    }
+    for path in ["/acme;v=1/orders", "/ACME;x/orders", "/globex;x/orders"] {
+        let r = get(&envoy, path, "shared.internal", &headers).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+    }
+    drop(subguard);
+}

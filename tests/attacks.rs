@@ -1532,6 +1532,26 @@ async fn a_key_replaced_under_the_same_kid_without_the_token_cache() {
     key_replaced_under_the_same_kid("\n  cache_max_entries: 0").await;
 }
 
+/// Makes subguard fetch `idp`'s keys now, instead of at the next refresh: once the 1 s re-fetch
+/// limit has passed, a token with an unknown kid does.
+async fn fetch_now(idp: &Recorder, client: &mut common::CheckClient) {
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = idp.requests().len();
+    let probe = TokenBuilder::new("probe", Algorithm::RS256)
+        .signed_by("rsa-2")
+        .iss(ISS_ACME)
+        .aud("orders")
+        .sub("alice")
+        .build();
+    assert_denied(
+        &client.call(&CheckCall::new().tenant("acme").bearer(&probe)).await,
+        "unknown_key",
+        &probe,
+        "probe",
+    );
+    assert_eq!(idp.requests().len(), before + 1, "the probe fetched the new key set");
+}
+
 async fn key_replaced_under_the_same_kid(token_settings: &str) {
     let under_k1 = |file: &str| {
         let mut key: Value = serde_json::from_str::<Value>(&jwks_text(file)).unwrap()["keys"][0].clone();
@@ -1559,22 +1579,7 @@ async fn key_replaced_under_the_same_kid(token_settings: &str) {
     }
 
     idp.set_jwks(&under_k1("issuer-a-rotated.jwks.json"));
-    std::thread::sleep(Duration::from_millis(1200));
-    // An unknown kid makes subguard fetch the new set now (instead of waiting for the refresh).
-    let before = idp.requests().len();
-    let probe = TokenBuilder::new("probe", Algorithm::RS256)
-        .signed_by("rsa-2")
-        .iss(ISS_ACME)
-        .aud("orders")
-        .sub("alice")
-        .build();
-    assert_denied(
-        &client.call(&CheckCall::new().tenant("acme").bearer(&probe)).await,
-        "unknown_key",
-        &probe,
-        "probe",
-    );
-    assert_eq!(idp.requests().len(), before + 1, "the probe fetched the new key set");
+    fetch_now(&idp, &mut client).await;
 
     let out = client.call(&CheckCall::new().tenant("acme").bearer(&old)).await;
     assert_denied(&out, "invalid_signature", &old, "the old key's token after k1 was replaced");
@@ -1609,21 +1614,7 @@ async fn a_key_that_comes_to_pin_another_alg_stops_the_tokens_it_no_longer_accep
     }
 
     idp.set_jwks(&k1(Some("PS256")));
-    std::thread::sleep(Duration::from_millis(1200));
-    let before = idp.requests().len();
-    let probe = TokenBuilder::new("probe", Algorithm::RS256)
-        .signed_by("rsa-2")
-        .iss(ISS_ACME)
-        .aud("orders")
-        .sub("alice")
-        .build();
-    assert_denied(
-        &client.call(&CheckCall::new().tenant("acme").bearer(&probe)).await,
-        "unknown_key",
-        &probe,
-        "probe",
-    );
-    assert_eq!(idp.requests().len(), before + 1, "the probe fetched the new key set");
+    fetch_now(&idp, &mut client).await;
 
     let out = client.call(&CheckCall::new().tenant("acme").bearer(&rs256)).await;
     assert_denied(

@@ -251,18 +251,25 @@ async fn through_envoy_allow_and_deny_as_the_spec_says() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn through_envoy_over_the_unix_socket_config() {
+/// subguard on a Unix socket, the echo application, and Envoy on the shipped config `name`, which
+/// reaches subguard at `/run/subguard/authz.sock`.
+fn over_the_unix_socket(name: &str) -> (Subguard, Upstream, Envoy) {
     let dir = ConfigDir::new();
     let socket = dir.socket_path();
     dir.write_config(&config(&format!("unix://{}", socket.display()), free_port()));
     dir.write_users(USERS);
     let subguard = Subguard::start_unready(dir);
     let upstream = Upstream::start();
-    let envoy = EnvoyBuilder::new(shipped_config("subguard-sidecar.yaml"))
+    let envoy = EnvoyBuilder::new(shipped_config(name))
         .upstream_port(upstream.port())
         .replace("path: /run/subguard/authz.sock", &format!("path: {}", socket.display()))
         .start();
+    (subguard, upstream, envoy)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_envoy_over_the_unix_socket_config() {
+    let (subguard, _upstream, envoy) = over_the_unix_socket("subguard-sidecar.yaml");
 
     let r =
         get(&envoy, "/orders", "acme.api.example.com", &[("authorization", &bearer(&acme_token("alice")))])
@@ -287,16 +294,7 @@ async fn through_envoy_over_the_unix_socket_config() {
 /// spelling of them.
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_pinned_config_pins_every_spelling_of_a_tenants_path() {
-    let dir = ConfigDir::new();
-    let socket = dir.socket_path();
-    dir.write_config(&config(&format!("unix://{}", socket.display()), free_port()));
-    dir.write_users(USERS);
-    let subguard = Subguard::start_unready(dir);
-    let upstream = Upstream::start();
-    let envoy = EnvoyBuilder::new(shipped_config("subguard-routes-pinned.yaml"))
-        .upstream_port(upstream.port())
-        .replace("path: /run/subguard/authz.sock", &format!("path: {}", socket.display()))
-        .start();
+    let (subguard, _upstream, envoy) = over_the_unix_socket("subguard-routes-pinned.yaml");
     let globex =
         TokenBuilder::new("other-rsa", Algorithm::RS256).iss(ISS_GLOBEX).aud("orders").sub("u-77").build();
     let headers = [("authorization", bearer(&globex)), ("x-tenant-id", "globex".to_string())];

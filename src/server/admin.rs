@@ -56,6 +56,8 @@ struct Connection {
     serving: AtomicBool,
     /// Its task has ended.
     ended: AtomicBool,
+    /// It has been told to close, to make room.
+    evicted: AtomicBool,
     /// Tells its task to close it.
     evict: Notify,
 }
@@ -101,7 +103,12 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
         let place = match places.take() {
             Some(place) => place,
             None => {
-                let Some(idle) = open.iter().find(|c| !c.serving.load(Ordering::Acquire)) else { continue };
+                // Not one told to close already: each connection over the cap makes room of its own.
+                let idle = open
+                    .iter()
+                    .find(|c| !c.serving.load(Ordering::Acquire) && !c.evicted.load(Ordering::Acquire));
+                let Some(idle) = idle else { continue };
+                idle.evicted.store(true, Ordering::Release);
                 idle.evict.notify_one();
                 let Some(place) = places.take_within(EVICTION_WAIT).await else { continue };
                 place

@@ -531,12 +531,10 @@ impl Loader {
             });
         let forward_raw: raw::Forward =
             take("forward").and_then(|v| self.section("forward", v)).unwrap_or_default();
-        let default_dir_value = take("directory");
-        // Given but unreadable (its error is reported): tenants that would take it get no
-        // directory without a second, misleading "no directory" error each.
-        let default_dir_given = default_dir_value.is_some();
-        let default_dir_raw: Option<raw::Directory> =
-            default_dir_value.and_then(|v| self.section("directory", v));
+        // `Some(None)`: given but unreadable (its error is reported), so that tenants which would
+        // take it get no directory without a second, misleading "no directory" error each.
+        let default_dir_raw: Option<Option<raw::Directory>> =
+            take("directory").map(|v| self.section("directory", v));
         let revocation = take("revocation")
             .and_then(|v| self.section::<raw::Revocation>("revocation", v))
             .and_then(|r| self.revocation(r));
@@ -593,11 +591,8 @@ impl Loader {
         let forward = self.forward(forward_raw);
 
         let mut users_cache = UsersCache::new();
-        let default_dir = match default_dir_raw {
-            Some(d) => Some(self.directory("directory", &d, None, &mut users_cache)),
-            None if default_dir_given => Some(None),
-            None => None,
-        };
+        let default_dir = default_dir_raw
+            .map(|raw| raw.and_then(|d| self.directory("directory", &d, None, &mut users_cache)));
 
         let mut tenants = BTreeMap::new();
         match tenants_raw {
@@ -869,7 +864,7 @@ impl Loader {
                     self.err(format!("{p}.max_file_bytes"), "must be greater than 0");
                     return None;
                 }
-                let full = self.file_path(format!("{p}.path"), file)?;
+                let full = self.resolve(file);
                 let users = match users_cache.get(&(full.clone(), max_bytes)) {
                     Some(cached) => cached.clone(),
                     None => {

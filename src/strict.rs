@@ -48,10 +48,21 @@ impl<'de> Deserializer<'de> for Strict {
         _fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        match self.0 {
-            Value::Array(_) => Err(de::Error::invalid_type(Unexpected::Seq, &"a mapping")),
-            other => Strict(other).deserialize_any(visitor),
-        }
+        // Anything but a mapping is refused here, in the words of the YAML the user wrote: serde
+        // would name the Rust type it wanted (`expected struct Tenant`).
+        let unexpected = match &self.0 {
+            Value::Object(_) => return self.deserialize_any(visitor),
+            Value::Null => Unexpected::Unit,
+            Value::Bool(b) => Unexpected::Bool(*b),
+            Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => Unexpected::Unsigned(u),
+                (None, Some(i)) => Unexpected::Signed(i),
+                (None, None) => Unexpected::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => Unexpected::Str(s),
+            Value::Array(_) => Unexpected::Seq,
+        };
+        Err(de::Error::invalid_type(unexpected, &"a mapping"))
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {

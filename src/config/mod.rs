@@ -1332,18 +1332,8 @@ pub(crate) fn deserialize_at<T: DeserializeOwned>(prefix: &str, value: Value) ->
             p if p.starts_with('[') => format!("{prefix}{p}"),
             p => format!("{prefix}.{p}"),
         };
-        ConfigError::new(path, without_type_names(&e.into_inner().to_string()))
+        ConfigError::new(path, e.into_inner().to_string())
     })
-}
-
-/// serde names the Rust type it wanted (`expected struct Tenant`); the user wrote YAML, where
-/// that is a mapping.
-fn without_type_names(message: &str) -> String {
-    const STRUCT: &str = "expected struct ";
-    let Some(at) = message.find(STRUCT) else { return message.to_string() };
-    let rest = &message[at + STRUCT.len()..];
-    let name_len = rest.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(rest.len());
-    format!("{}expected a mapping{}", &message[..at], &rest[name_len..])
 }
 
 pub(crate) fn io_reason(e: &std::io::Error) -> String {

@@ -11,10 +11,15 @@ use serde::de::{
 };
 use serde_json::Value;
 
+/// The first byte of a JSON text after its leading whitespace: `{` opens an object, `[` an array.
+pub fn opening(json: &[u8]) -> Option<u8> {
+    json.iter().copied().find(|b| !b.is_ascii_whitespace())
+}
+
 /// `T` from a JSON document that must be an object: an array is a type error (serde_json alone
 /// would read a struct from it by position); anything else reads as `serde_json::from_slice`.
 pub fn object_from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
-    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+    match opening(bytes) {
         Some(b'[') => Err(de::Error::invalid_type(Unexpected::Seq, &"a JSON object")),
         _ => serde_json::from_slice(bytes),
     }

@@ -152,7 +152,7 @@ pub fn parse(token: &str) -> Result<Jws<'_>, Reason> {
 fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, Reason> {
     let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| Reason::MalformedToken)?;
     // serde would also accept a JSON array for a struct; a JOSE header or claims set is an object.
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if crate::strict::opening(&bytes) != Some(b'{') {
         return Err(Reason::MalformedToken);
     }
     // JSON text is UTF-8 (RFC 8259 §8.1) everywhere, also in members subguard does not read, which

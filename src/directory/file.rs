@@ -317,7 +317,7 @@ impl<'de, const JSON: bool> serde::de::Visitor<'de> for TenantSeed<'_, JSON> {
                 let Some(raw) = seq.next_element::<&'de RawValue>()? else { break };
                 // serde_json would also read a user written as a list, field by field by
                 // position; only a mapping takes the fast way (the general way refuses the rest).
-                let fast = match raw.get().trim_start().starts_with('{') {
+                let fast = match crate::strict::opening(raw.get().as_bytes()) == Some(b'{') {
                     true => serde_json::from_str::<BorrowedUser>(raw.get()).ok(),
                     false => None,
                 };

@@ -335,10 +335,15 @@ where
     }
 }
 
+/// `status` at once: a trailers-only answer, headers only.
+fn at_once(status: Status) -> BoxFuture<http::Response<tonic::body::Body>, Infallible> {
+    Box::pin(async move { Ok(status.into_http()) })
+}
+
 /// The answer to a method or service subguard does not serve: UNIMPLEMENTED, as generated
 /// servers answer.
 fn unimplemented() -> BoxFuture<http::Response<tonic::body::Body>, Infallible> {
-    Box::pin(async { Ok(Status::unimplemented("").into_http()) })
+    at_once(Status::unimplemented(""))
 }
 
 /// The future of [`Routes`]: the service's answer, its body made an [`Answering`].
@@ -348,9 +353,9 @@ pub struct Answered {
 }
 
 impl Answered {
-    /// `status` at once: a trailers-only answer, headers only.
+    /// `status` at once, holding no place.
     fn refused(status: Status) -> Answered {
-        Answered { inner: Box::pin(async move { Ok(status.into_http()) }), place: None }
+        Answered { inner: at_once(status), place: None }
     }
 }
 

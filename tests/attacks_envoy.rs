@@ -325,6 +325,46 @@ fn several_authorization_headers_are_refused() {
     assert_denied(&reply, "two-tenants", 400, "missing_tenant");
 }
 
+/// A client that starts its request headers and never finishes them (slowloris) is answered 408
+/// and disconnected by the shipped config's `request_headers_timeout` (10 s), instead of holding
+/// the connection for the 5 minutes of Envoy's stream idle timeout; nothing reaches the app.
+#[test]
+fn a_client_that_dribbles_its_headers_is_disconnected() {
+    use std::io::{Read, Write};
+    let s = shared();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", s.envoy.listener_port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let alice = format!("Bearer {}", token("alice"));
+    let started = std::time::Instant::now();
+    let half = format!(
+        "GET /orders/slowloris HTTP/1.1\r\nhost: acme.api.example.com\r\nauthorization: {alice}\r\n\
+         x-test-marker: slowloris\r\n"
+    );
+    stream.write_all(half.as_bytes()).unwrap();
+    // One more header line every 2 s, never the blank line that ends the headers: each keeps the
+    // stream from being idle, so only the headers timeout can end it.
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 1024];
+    for i in 0.. {
+        stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                assert!(started.elapsed() < Duration::from_secs(40), "still connected after 40 s");
+                // Envoy may have closed its side between our reads: a failed write ends the loop.
+                if stream.write_all(format!("x-more-{i}: y\r\n").as_bytes()).is_err() {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 408"), "answer to a request whose headers never end: {text:?}");
+    assert!(s.upstream.saw("slowloris").is_none(), "the half-sent request reached the application");
+}
+
 #[test]
 fn oversized_authorization_is_refused_by_subguard_or_by_envoy() {
     // Over subguard's max_bytes (8192) but within Envoy's header limit (60 KiB by default):

@@ -1676,3 +1676,75 @@ async fn long_unverified_header_and_claim_values_are_cut_in_the_log() {
         }
     }
 }
+
+/// A tenant may be called `default`, the name logs and metrics give the top-level directory. Its
+/// own directory is still its own, whichever tenant comes first by name: the tenants sharing the
+/// top-level directory never get its users, and it never gets theirs. Both orders by name.
+#[tokio::test]
+async fn a_tenant_named_default_keeps_its_own_directory() {
+    const SHARED_USERS: &str = "
+aaa:
+  - sub: carol
+    id: shared-carol
+globex:
+  - sub: carol
+    id: shared-carol
+default:
+  - sub: intruder
+    id: shared-intruder
+    roles: [admin]
+";
+    const OWN_USERS: &str = "
+default:
+  - sub: root
+    id: own-root
+    roles: [superadmin]
+";
+    for other in ["aaa", "globex"] {
+        let config = format!(
+            r#"
+listen:
+  grpc: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+tenant:
+  header: x-tenant-id
+directory:
+  kind: file
+  path: users.yaml
+tenants:
+  {other}:
+    issuers:
+      - issuer: "{ISS_ACME}"
+        audiences: ["orders"]
+        algorithms: ["RS256"]
+        jwks_file: keys/issuer-a.jwks.json
+  default:
+    issuers:
+      - issuer: "{ISS_ACME}"
+        audiences: ["orders"]
+        algorithms: ["RS256"]
+        jwks_file: keys/issuer-a.jwks.json
+    directory:
+      kind: file
+      path: own-users.yaml
+"#
+        );
+        let dir = ConfigDir::with(&config, SHARED_USERS);
+        dir.write("own-users.yaml", OWN_USERS);
+        let sg = Subguard::start_in(dir);
+        let mut client = sg.client().await;
+        let mut ask = async |tenant: &str, sub: &str| {
+            let token = acme(sub).build();
+            (client.call(&CheckCall::new().tenant(tenant).bearer(&token)).await, token)
+        };
+        let what = |s: &str| format!("{s} (tenants default and {other})");
+        let (out, _) = ask("default", "root").await;
+        assert_allowed_as(&out, "default", "own-root", &what("default's own user"));
+        let (out, token) = ask("default", "intruder").await;
+        assert_denied(&out, "user_not_found", &token, &what("the shared file's default: section"));
+        let (out, token) = ask(other, "root").await;
+        assert_denied(&out, "user_not_found", &token, &what("default's user asked for by another tenant"));
+        let (out, _) = ask(other, "carol").await;
+        assert_allowed_as(&out, other, "shared-carol", &what("a user of the shared directory"));
+    }
+}

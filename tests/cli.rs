@@ -221,6 +221,53 @@ fn a_tenant_without_users_in_its_file_is_warned_about() {
     assert!(!text(&out).contains("lists no users"), "{}", text(&out));
 }
 
+/// A remote top-level directory without `{tenant}` in its URL answers every tenant that shares
+/// it from the same users; `validate` says so once two tenants share it, and not otherwise.
+#[test]
+fn a_shared_remote_directory_without_the_tenant_in_its_url_is_warned_about() {
+    let acme = GOOD.split("tenants:\n").nth(1).unwrap();
+    let two_tenants = format!("{GOOD}{}", acme.replace("  acme:", "  globex:"));
+    let warned = |config: &str| {
+        let dir = ConfigDir::with(config, USERS);
+        let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(0), "a warning, not an error: {}", text(&out));
+        String::from_utf8_lossy(&out.stderr).lines().any(|l| {
+            l.starts_with("warning: directory.url: has no {tenant} placeholder but serves 2 tenants")
+        })
+    };
+    let http = |url: &str| format!("kind: http\n  url: \"{url}\"");
+    let scim = |url: &str| format!("kind: scim\n  url: \"{url}\"");
+    let shared = |config: &str, kind: String| config.replace("kind: file\n  path: users.yaml", &kind);
+    assert!(warned(&shared(&two_tenants, http("http://127.0.0.1:1/users/{sub}"))));
+    assert!(warned(&shared(&two_tenants, scim("http://127.0.0.1:1/scim/v2"))));
+    assert!(!warned(&shared(&two_tenants, http("http://127.0.0.1:1/t/{tenant}/users/{sub}"))));
+    assert!(!warned(&shared(&two_tenants, scim("http://127.0.0.1:1/{tenant}/scim/v2"))));
+    assert!(!warned(&shared(GOOD, http("http://127.0.0.1:1/users/{sub}"))), "one tenant, nothing to mix");
+    assert!(!warned(&two_tenants), "a users file has a section per tenant");
+}
+
+/// A tenant may be called `default`; with a directory of its own it shares that name with the
+/// top-level directory in logs and metrics, and `validate` says so.
+#[test]
+fn a_tenant_named_default_with_its_own_directory_is_warned_about() {
+    let acme = GOOD.split("tenants:\n").nth(1).unwrap();
+    let own = format!(
+        "{}    directory:\n      kind: file\n      path: own.yaml\n",
+        acme.replace("  acme:", "  default:")
+    );
+    let dir = ConfigDir::with(&format!("{GOOD}{own}"), USERS);
+    dir.write("own.yaml", "default:\n  - sub: root\n");
+    let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "a warning, not an error: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).lines().any(|l| l.starts_with(
+            "warning: tenants.default.directory: logs and metrics name this directory `default`"
+        )),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn a_broken_default_directory_is_reported_once_not_again_for_each_tenant() {
     let two_tenants = format!(

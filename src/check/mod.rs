@@ -100,7 +100,7 @@ impl Policy {
         let mut directories: HashMap<String, Arc<Directory>> = HashMap::new();
         let mut tenants = HashMap::with_capacity(config.tenants.len());
         for (name, tc) in &config.tenants {
-            let directory = match directories.get(&tc.directory.name) {
+            let directory = match directories.get(&tc.directory.path) {
                 Some(d) => d.clone(),
                 None => {
                     let d = match previous.and_then(|p| p.directory_like(&tc.directory)) {
@@ -110,7 +110,7 @@ impl Policy {
                                 .map_err(|e| format!("tenants.{name}.directory: {e}"))?,
                         ),
                     };
-                    directories.insert(tc.directory.name.clone(), d.clone());
+                    directories.insert(tc.directory.path.clone(), d.clone());
                     d
                 }
             };
@@ -172,12 +172,12 @@ impl Policy {
         })
     }
 
-    /// After a reload: every remote directory built anew whose predecessor (same name) asked the
+    /// After a reload: every remote directory built anew whose predecessor (same YAML path) asked the
     /// same place the same way (kind, URL, match, normalisation) takes over that predecessor's
     /// found users, so a changed timeout or a rotated credential does not turn users served from
     /// the cache, stale ones during an outage, into `directory_unavailable`.
     pub async fn adopt_directory_caches(&self, previous: &Policy) {
-        // A directory shared by tenants (the default one) is handled once: by its name.
+        // A directory shared by tenants (the top-level one) is handled once: by its YAML path.
         let mut done = HashSet::new();
         for (name, t) in &self.tenants {
             let new = &t.directory;
@@ -187,7 +187,7 @@ impl Policy {
             else {
                 continue;
             };
-            if !done.insert(new_config.directory.name.as_str()) {
+            if !done.insert(new_config.directory.path.as_str()) {
                 continue;
             }
             let Some(old) = previous.tenants.get(name).map(|t| &t.directory) else { continue };

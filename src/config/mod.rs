@@ -266,6 +266,10 @@ impl Normalize {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectoryConfig {
+    /// Which directory of the config this is: its YAML path, `directory` for the top-level one
+    /// (shared by every tenant without its own), `tenants.<name>.directory` for a tenant's own.
+    /// The name can't tell the two apart: a tenant may be called `default`.
+    pub path: String,
     /// `default` for the top-level directory, else the tenant's name (metrics, logs).
     pub name: String,
     pub kind: DirectoryKind,
@@ -275,7 +279,7 @@ pub struct DirectoryConfig {
 }
 
 impl DirectoryConfig {
-    /// Whether `other` asks the same directory the same way: same name, kind, URL, SCIM matching
+    /// Whether `other` asks the same directory the same way: same path, kind, URL, SCIM matching
     /// and normalisation (timeouts, headers, TLS, breaker and cache settings may differ). Users
     /// cached by one are users of the other.
     pub fn same_source(&self, other: &DirectoryConfig) -> bool {
@@ -287,7 +291,7 @@ impl DirectoryConfig {
             ) => a == b && ma == mb && ra == rb,
             _ => false,
         };
-        kind && self.name == other.name && self.normalize == other.normalize
+        kind && self.path == other.path && self.normalize == other.normalize
     }
 }
 
@@ -692,6 +696,7 @@ impl Loader {
                 }
             }
         }
+        self.shared_directory_warnings(&tenants);
         if self.errors.is_empty() {
             Ok(Config {
                 path: path.to_path_buf(),
@@ -800,6 +805,46 @@ impl Loader {
             self.err("forward", "tenant_header, user_header and roles_header must differ");
         }
         f
+    }
+
+    /// Warnings about the top-level directory that only the tenants using it can show: a remote
+    /// one asked by several tenants without the tenant in its URL answers every tenant from the
+    /// same users; and a tenant called `default` with a directory of its own shares the name logs
+    /// and metrics give the top-level one.
+    fn shared_directory_warnings(&mut self, tenants: &BTreeMap<String, TenantConfig>) {
+        let sharing: Vec<&str> = tenants
+            .iter()
+            .filter(|(_, t)| t.directory.path == "directory")
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let Some(shared) = tenants.values().map(|t| &t.directory).find(|d| d.path == "directory") else {
+            return;
+        };
+        let names_tenant = match &shared.kind {
+            DirectoryKind::File { .. } => true,
+            DirectoryKind::Http { url, .. } => url.names_tenant(),
+            DirectoryKind::Scim { base, .. } => base.contains("{tenant}"),
+        };
+        if !names_tenant && sharing.len() > 1 {
+            self.warnings.push(ConfigError::new(
+                "directory.url",
+                format!(
+                    "has no {{tenant}} placeholder but serves {} tenants ({}, ...): each of them is answered \
+                     from the same users, so a sub known to one is a user of all. Put {{tenant}} in the URL, \
+                     or give each tenant its own directory",
+                    sharing.len(),
+                    sharing[..2].join(", ")
+                ),
+            ));
+        }
+        if tenants.get("default").is_some_and(|t| t.directory.path != "directory") {
+            self.warnings.push(ConfigError::new(
+                "tenants.default.directory",
+                "logs and metrics name this directory `default`, as they name the top-level directory, \
+                 which other tenants use: their series (subguard_directory_breaker_state{directory=\"default\"}, \
+                 the cache gauges) and log lines cannot be told apart. Users are not mixed",
+            ));
+        }
     }
 
     fn directory(
@@ -973,7 +1018,7 @@ impl Loader {
                 return None;
             }
         };
-        Some(DirectoryConfig { name, kind, cache, breaker, normalize })
+        Some(DirectoryConfig { path: p.to_string(), name, kind, cache, breaker, normalize })
     }
 
     fn normalize(&mut self, p: &str, names: &[String]) -> Normalize {

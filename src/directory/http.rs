@@ -32,6 +32,11 @@ enum Part {
 }
 
 impl UrlTemplate {
+    /// Whether the tenant is part of the URL, so tenants sharing this template ask for their own users.
+    pub fn names_tenant(&self) -> bool {
+        self.parts.contains(&Part::Tenant)
+    }
+
     pub fn parse(template: &str) -> Result<UrlTemplate, String> {
         if !template.contains("{sub}") {
             return Err(format!("`{template}` has no {{sub}} placeholder"));

@@ -1155,6 +1155,52 @@ async fn a_short_rsa_key_in_the_jwks_is_refused_with_a_warning() {
     assert_allowed_as(&out, "acme", "acme-alice", "rsa-1 beside the weak key");
 }
 
+/// An Ed25519 key of small order in the JWKS (an all-zero placeholder, the identity point)
+/// verifies signatures nobody made: with the identity, R = the identity and S = 0 signs anything,
+/// for anyone. subguard leaves such keys out with a warning, so the forgery is refused with or
+/// without a `kid` (the reverted check let both through: the identity point always, the
+/// all-zero key for some messages).
+#[tokio::test]
+async fn an_ed25519_key_of_small_order_in_the_jwks_verifies_nothing() {
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let placeholders = [
+        json!({"kty": "OKP", "crv": "Ed25519", "kid": "placeholder", "x": URL_SAFE_NO_PAD.encode(identity)}),
+        json!({"kty": "OKP", "crv": "Ed25519", "kid": "zeros", "x": URL_SAFE_NO_PAD.encode([0u8; 32])}),
+    ];
+    let config = single_tenant_config("jwks_file: keys/acme.json", 8192, 1)
+        .replace(r#"["RS256", "PS256", "ES256"]"#, r#"["RS256", "EdDSA"]"#);
+    let dir = ConfigDir::with(&config, "acme:\n  - sub: admin\n    roles: [admin]\n");
+    dir.write("keys/acme.json", &issuer_a_plus(&placeholders));
+    let sg = Subguard::start_in(dir);
+    let mut client = sg.client().await;
+    let forged = |header: Value| {
+        let claims = json!({"iss": ISS_ACME, "aud": "orders", "sub": "admin", "exp": now() + 600});
+        let signature = [&identity[..], &[0u8; 32]].concat();
+        format!(
+            "{}.{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes()),
+            b64(&signature)
+        )
+    };
+    for (kid, code) in [
+        (Some("placeholder"), "unsupported_algorithm"),
+        (Some("zeros"), "unsupported_algorithm"),
+        // Without kid, the set's one real Ed25519 key (ed-1) is tried.
+        (None, "invalid_signature"),
+    ] {
+        let header = match kid {
+            Some(kid) => json!({"alg": "EdDSA", "kid": kid}),
+            None => json!({"alg": "EdDSA"}),
+        };
+        let token = forged(header);
+        let out = client.call(&CheckCall::new().tenant("acme").bearer(&token)).await;
+        assert_denied(&out, code, &token, &format!("forged EdDSA token, kid {kid:?}"));
+    }
+    assert_eq!(warnings_mentioning(&sg, "a point of small order").len(), 2, "{}", sg.logs().join("\n"));
+}
+
 #[tokio::test]
 async fn encryption_symmetric_and_alg_pinned_keys_are_used_only_as_they_say() {
     let jwks = |name: &str, i: usize| -> Value {
@@ -1212,6 +1258,9 @@ async fn encryption_symmetric_and_alg_pinned_keys_are_used_only_as_they_say() {
     assert_denied(&check(&token).await, "unsupported_algorithm", &token, "HS256 with the published oct key");
     let token = TokenBuilder::new("rsa-2", Algorithm::PS256).iss(ISS_ACME).aud("orders").sub("alice").build();
     assert_denied(&check(&token).await, "unsupported_algorithm", &token, "PS256 under a key pinned to RS256");
+    // The log says the pin refused it: an RSA key as such verifies PS256.
+    let detail = r#"kid \"rsa-2\" pins alg RS256 in the JWKS; the token is PS256"#;
+    assert_eq!(sg.logged(detail).len(), 1, "no deny logged with {detail}:\n{}", sg.logs().join("\n"));
     let token = TokenBuilder::new("rsa-2", Algorithm::RS256).iss(ISS_ACME).aud("orders").sub("alice").build();
     assert_allowed_as(&check(&token).await, "acme", "acme-alice", "RS256 under the key pinned to RS256");
     let token =

@@ -486,6 +486,10 @@ fn files_a_config_names_must_be_regular_files_within_a_limit() {
             "directory.max_file_bytes: must be greater than 0",
         ),
         (
+            GOOD.replace("directory:\n", "keys:\n  check_wait_ms: 0\ndirectory:\n"),
+            "keys.check_wait_ms: must be greater than 0",
+        ),
+        (
             GOOD.replace(
                 "kind: file\n  path: users.yaml",
                 "kind: http\n  url: http://127.0.0.1:1/{sub}\n  max_file_bytes: 10",

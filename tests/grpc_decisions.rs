@@ -419,6 +419,24 @@ async fn tenant_mismatch_host_vs_route() {
     assert_deny(&out, "tenant_mismatch", 403, None);
 }
 
+/// A route's pin comes from the operator's Envoy config. One that is present but no tenant name
+/// (an unset template value rendered as "", a stray space, an underscore) never hands the choice
+/// back to the client: beside a header or host it is `tenant_mismatch`, alone `missing_tenant`.
+#[tokio::test]
+async fn a_route_pin_that_is_no_tenant_name_fails_closed() {
+    let token = acme_rs256().build();
+    for pin in ["", "acme ", " ", "acme_prod", "-acme"] {
+        let out = ask(CheckCall::new().tenant("acme").route_tenant(pin).bearer(&token)).await;
+        assert_deny(&out, "tenant_mismatch", 403, None);
+        let out = ask(CheckCall::new().host("acme.api.example.com").route_tenant(pin).bearer(&token)).await;
+        assert_deny(&out, "tenant_mismatch", 403, None);
+        let out = ask(CheckCall::new().route_tenant(pin).bearer(&token)).await;
+        assert_deny(&out, "missing_tenant", 400, None);
+    }
+    let detail = r#"the route pins tenant \"acme \", which is not a tenant name"#;
+    assert!(!shared().logged(detail).is_empty(), "no deny logged with {detail}");
+}
+
 #[tokio::test]
 async fn missing_tenant_without_any_source() {
     let token = acme_rs256().build();
@@ -451,8 +469,10 @@ async fn missing_tenant_when_the_tenant_header_is_repeated() {
 }
 
 /// Every combination of the three tenant sources (header, host, route), each absent, not a DNS
-/// label, acme in either case, globex or an unknown tenant, with acme's token: a value that is not
-/// a label counts as no tenant, the others must all name one tenant, and that tenant decides.
+/// label, acme in either case, globex or an unknown tenant, with acme's token: a header or host
+/// value that is not a label counts as no tenant, a route's is a mismatch with any tenant named
+/// (`a_route_pin_that_is_no_tenant_name_fails_closed`), the others must all name one tenant, and
+/// that tenant decides.
 #[tokio::test]
 async fn every_combination_of_tenant_sources_follows_the_rule() {
     let values = [None, Some("bad_label"), Some("acme"), Some("ACME"), Some("globex"), Some("nope")];
@@ -480,8 +500,11 @@ async fn every_combination_of_tenant_sources_follows_the_rule() {
                     .collect();
                 named.sort();
                 named.dedup();
+                // A route's pin that is no tenant name fails closed (the operator set it).
+                let bad_pin = route == Some("bad_label");
                 let expected = match named.as_slice() {
                     [] => "missing_tenant",
+                    _ if bad_pin => "tenant_mismatch",
                     [one] if one == "acme" => "ok",
                     [one] if one == "globex" => "untrusted_issuer",
                     [_] => "unknown_tenant",

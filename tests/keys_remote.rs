@@ -118,6 +118,45 @@ async fn rotation_new_kid_is_accepted_after_the_unknown_kid_refetch() {
     assert_allowed(&ask(&mut client, &token("rsa-2")).await);
 }
 
+/// A re-fetch slower than `keys.check_wait_ms` (400 ms by default) does not hold the check until
+/// Envoy's own timeout answers for it, reason-less: the check is `keys_unavailable` (503, with
+/// `retry-after`), the fetch goes on, and the client's retry finds the new key. Checks that
+/// arrive meanwhile wait for that same fetch instead of starting another.
+#[tokio::test]
+async fn a_slow_refetch_is_keys_unavailable_and_the_retry_finds_the_key() {
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    let sg = Subguard::start(&jwks_uri_config(&idp, 1), USERS);
+    let mut client = sg.client().await;
+    assert_allowed(&ask(&mut client, &token("rsa-1")).await);
+
+    idp.set_jwks(&jwks_text("issuer-a-rotated.jwks.json"));
+    idp.set_delay(Duration::from_millis(1500));
+    wait_refetch_window(1);
+    let before = idp.jwks_requests();
+    let out = ask(&mut client, &token("rsa-2")).await;
+    assert_reason(&out, "keys_unavailable", 503);
+    assert!(out.header("retry-after").is_some(), "{out:#?}");
+    assert!(
+        sg.logged("the re-fetch of the issuer's keys is still running after 400 ms").len() == 1,
+        "the deny's detail says why:\n{}",
+        sg.logs().join("\n")
+    );
+    // A second check while the fetch runs joins it.
+    assert_reason(&ask(&mut client, &token("rsa-2")).await, "keys_unavailable", 503);
+    assert!(idp.wait_for_jwks_requests(before + 1, Duration::from_secs(5)), "the fetch was made");
+    // The fetch finishes on its own; then the rotated key is there, with no fetch of its own.
+    let mut out = ask(&mut client, &token("rsa-2")).await;
+    for _ in 0..50 {
+        if out.allowed {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        out = ask(&mut client, &token("rsa-2")).await;
+    }
+    assert_allowed(&out);
+    assert_eq!(idp.jwks_requests(), before + 1, "one fetch served every check of the new kid");
+}
+
 #[tokio::test]
 async fn unknown_kid_refetch_is_rate_limited_per_issuer() {
     let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));

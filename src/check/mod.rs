@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::config::{Config, ConfigError, Forward, KeySource, TenantSources, TokenSettings};
 use crate::decision::{Decision, Identity, Outcome, Reason};
 use crate::directory::{Directory, Lookup};
-use crate::keys::{KeyMatch, KeyStore, http_client, spawn_refresh};
+use crate::keys::{KeyMatch, KeyStore, Refetched, http_client, spawn_refresh};
 use crate::revocation::{JtiStatus, Revocation};
 use crate::telemetry::Metrics;
 use explain::{Status, Trace, note, step};
@@ -343,7 +343,17 @@ impl Policy {
         note(&mut trace, || tenant_step(&found, &resolved, self));
         let tenant = match resolved {
             Ok(t) => t,
-            Err(r) => return Decision::deny(r),
+            Err(r) => {
+                let mut d = Decision::deny(r);
+                if let Some(pin) = req
+                    .route_tenant()
+                    .filter(|_| found.iter().any(|(s, t)| *s == Source::Route && t.is_none()))
+                {
+                    d.detail =
+                        Some(format!("the route pins tenant {:?}, which is not a tenant name", clip(pin)));
+                }
+                return d;
+            }
         };
         let mut d = Decision::deny(Reason::InternalError);
         d.tenant = Some(tenant.name.clone());
@@ -430,7 +440,11 @@ impl Policy {
                 return Err(Reason::TokenExpired);
             }
             Some(exp) if now_f >= exp + leeway => {
-                d.detail = Some(format!("expired {}s ago (leeway {}s)", (now_f - exp) as i64, leeway as i64));
+                d.detail = Some(format!(
+                    "expired {} ago (leeway {}s)",
+                    whole_seconds(now_f - exp, false),
+                    leeway as i64
+                ));
                 note(&mut trace, || {
                     let ago = explain::human_duration((now_f - exp) as i64);
                     time_step(
@@ -449,9 +463,10 @@ impl Policy {
             if let Some(t) = t
                 && t - leeway > now_f
             {
+                // Rounded up: 60.5 s ahead with a leeway of 60 s must not read "60s".
                 d.detail = Some(format!(
-                    "{name} is {}s in the future (leeway {}s)",
-                    (t - now_f) as i64,
+                    "{name} is {} in the future (leeway {}s)",
+                    whole_seconds(t - now_f, true),
                     leeway as i64
                 ));
                 note(&mut trace, || {
@@ -777,6 +792,16 @@ const CLIP: usize = 128;
 
 /// Key lookup and signature verification, re-fetching the issuer's keys once (rate-limited) when
 /// the token names a key the current set lacks.
+/// A distance in time for a deny detail: whole seconds (`"61s"`), rounded up or down, or "over
+/// 100 years" for the far-off values a claim can hold (1e300 would saturate to i64::MAX).
+fn whole_seconds(seconds: f64, round_up: bool) -> String {
+    const CENTURY: f64 = 100.0 * 365.25 * 86_400.0;
+    if seconds > CENTURY {
+        return "over 100 years".into();
+    }
+    format!("{}s", if round_up { seconds.ceil() } else { seconds.floor() } as i64)
+}
+
 async fn verify_signature(
     issuer: &Issuer,
     jws: &token::Jws<'_>,
@@ -789,22 +814,21 @@ async fn verify_signature(
     let mut refetched = false;
     loop {
         let Some(keys) = set.as_ref() else {
-            if !refetched && issuer.keys.refetch_on_miss(None).await {
+            let refetch = if refetched { Refetched::No } else { issuer.keys.refetch_on_miss(None).await };
+            if refetch == Refetched::Maybe {
                 refetched = true;
                 set = issuer.keys.current();
                 continue;
             }
-            d.detail = Some("no keys have been loaded for this issuer".into());
-            note(&mut trace, || {
-                key_step(
-                    issuer,
-                    None,
-                    kid,
-                    refetched,
-                    Status::Fail,
-                    "no keys have been loaded for this issuer".into(),
-                )
-            });
+            let detail = match refetch {
+                Refetched::StillFetching => format!(
+                    "no keys have been loaded for this issuer; the fetch for them is still running after {} ms",
+                    issuer.keys.check_wait().as_millis()
+                ),
+                _ => "no keys have been loaded for this issuer".into(),
+            };
+            note(&mut trace, || key_step(issuer, None, kid, refetched, Status::Fail, detail.clone()));
+            d.detail = Some(detail);
             return Err(Reason::KeysUnavailable);
         };
         let refusal = match keys.find(kid, alg) {
@@ -838,11 +862,18 @@ async fn verify_signature(
                 });
                 return Err(Reason::InvalidSignature);
             }
-            KeyMatch::WrongType(key) => format!(
-                "kid {:?} is an {} key, which cannot verify {alg:?}",
-                clip(kid.unwrap_or_default()),
-                key.kind.name()
-            ),
+            KeyMatch::WrongType(key) => match key.alg {
+                // The type fits; the JWK's own `alg` is what refuses this one.
+                Some(pinned) if key.kind.fits(alg) => format!(
+                    "kid {:?} pins alg {pinned:?} in the JWKS; the token is {alg:?}",
+                    clip(kid.unwrap_or_default())
+                ),
+                _ => format!(
+                    "kid {:?} is an {} key, which cannot verify {alg:?}",
+                    clip(kid.unwrap_or_default()),
+                    key.kind.name()
+                ),
+            },
             KeyMatch::Unusable(why) => {
                 format!(
                     "kid {:?} names a key subguard does not verify with: {why}",
@@ -850,10 +881,28 @@ async fn verify_signature(
                 )
             }
             KeyMatch::NotFound => {
-                if !refetched && issuer.keys.refetch_on_miss(Some(keys)).await {
+                let refetch =
+                    if refetched { Refetched::No } else { issuer.keys.refetch_on_miss(Some(keys)).await };
+                if refetch == Refetched::Maybe {
                     refetched = true;
                     set = issuer.keys.current();
                     continue;
+                }
+                if refetch == Refetched::StillFetching {
+                    // Not known to be unknown: the client's retry will find the keys fetched.
+                    let detail = format!(
+                        "{}: the re-fetch of the issuer's keys is still running after {} ms",
+                        match kid {
+                            Some(k) => format!("no key with kid {:?} yet", clip(k)),
+                            None => format!("no key fits {alg:?} yet"),
+                        },
+                        issuer.keys.check_wait().as_millis()
+                    );
+                    note(&mut trace, || {
+                        key_step(issuer, Some(keys), kid, false, Status::Fail, detail.clone())
+                    });
+                    d.detail = Some(detail);
+                    return Err(Reason::KeysUnavailable);
                 }
                 d.detail = Some(match kid {
                     Some(k) => format!("no key with kid {:?}", clip(k)),
@@ -986,4 +1035,20 @@ fn directory_step(tenant: &Tenant, sub: &str, answer: &crate::directory::Answer)
         summary,
         json!({"lookup": lookup, "sub": sub, "looked_up": &*looked_up, "answer": found, "cache": cache}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_seconds;
+
+    /// 60.5 s ahead with a leeway of 60 s is refused, and must not read "60s" (inside the leeway);
+    /// a claim of 1e300 must not read as i64::MAX seconds.
+    #[test]
+    fn time_details_round_away_from_the_leeway_and_stay_readable() {
+        assert_eq!(whole_seconds(60.5, true), "61s");
+        assert_eq!(whole_seconds(60.5, false), "60s");
+        assert_eq!(whole_seconds(192.0, false), "192s");
+        assert_eq!(whole_seconds(1e300, true), "over 100 years");
+        assert_eq!(whole_seconds(f64::INFINITY, false), "over 100 years");
+    }
 }

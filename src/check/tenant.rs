@@ -157,7 +157,13 @@ impl<'a> std::ops::Deref for Candidates<'a> {
 }
 
 /// Combines what each source found: all present must name the same tenant.
+///
+/// A route's pin is set by the operator, not the client: one that is present but no tenant name
+/// (`tenant: ""` from an unset template value, `"acme "`) fails closed, as `tenant_mismatch`
+/// beside any other source and `missing_tenant` alone, instead of counting as no pin and leaving
+/// the choice to the client's header.
 pub fn resolve<'f>(found: &'f [Candidate<'_>]) -> Result<&'f str, Reason> {
+    let bad_pin = found.iter().any(|(s, t)| *s == Source::Route && t.is_none());
     let mut tenant: Option<&str> = None;
     for (_, t) in found {
         if let Some(t) = t {
@@ -168,7 +174,11 @@ pub fn resolve<'f>(found: &'f [Candidate<'_>]) -> Result<&'f str, Reason> {
             }
         }
     }
-    tenant.ok_or(Reason::MissingTenant)
+    match tenant {
+        Some(_) if bad_pin => Err(Reason::TenantMismatch),
+        Some(t) => Ok(t),
+        None => Err(Reason::MissingTenant),
+    }
 }
 
 #[cfg(test)]
@@ -243,5 +253,11 @@ mod tests {
         assert_eq!(s(Some("acme"), Some("acme")), Ok("acme".into()));
         assert_eq!(s(Some("acme"), Some("globex")), Err(Reason::TenantMismatch));
         assert_eq!(s(None, None), Err(Reason::MissingTenant));
+        // A route's pin that is no tenant name (None here) fails closed.
+        let pinned = |h: Option<&str>| {
+            resolve(&[(Source::Header, h.map(Cow::Borrowed)), (Source::Route, None)]).map(str::to_string)
+        };
+        assert_eq!(pinned(Some("acme")), Err(Reason::TenantMismatch));
+        assert_eq!(pinned(None), Err(Reason::MissingTenant));
     }
 }

@@ -116,6 +116,9 @@ pub struct KeySettings {
     pub refresh: Duration,
     pub min_refetch: Duration,
     pub fetch_timeout: Duration,
+    /// How long a check waits for the key fetch its unknown `kid` (or an issuer without keys)
+    /// started; the fetch itself goes on for up to `fetch_timeout`.
+    pub check_wait: Duration,
 }
 
 /// Headers set on allowed requests (all lowercase).
@@ -584,13 +587,18 @@ impl Loader {
                 "0: every token with an unknown kid re-fetches its issuer's keys, however many arrive",
             ));
         }
-        if keys_raw.fetch_timeout_ms == 0 {
-            self.err("keys.fetch_timeout_ms", "must be greater than 0");
+        for (field, value) in
+            [("fetch_timeout_ms", keys_raw.fetch_timeout_ms), ("check_wait_ms", keys_raw.check_wait_ms)]
+        {
+            if value == 0 {
+                self.err(format!("keys.{field}"), "must be greater than 0");
+            }
         }
         let keys = KeySettings {
             refresh: Duration::from_secs(keys_raw.refresh_seconds.max(1)),
             min_refetch: Duration::from_secs(keys_raw.min_refetch_seconds),
             fetch_timeout: Duration::from_millis(keys_raw.fetch_timeout_ms.max(1)),
+            check_wait: Duration::from_millis(keys_raw.check_wait_ms.max(1)),
         };
         let forward = self.forward(forward_raw);
 

@@ -66,11 +66,13 @@ pub struct Keys {
     pub min_refetch_seconds: u64,
     /// Timeout of one JWKS or discovery request.
     pub fetch_timeout_ms: u64,
+    /// How long a check waits for a key fetch it needs.
+    pub check_wait_ms: u64,
 }
 
 impl Default for Keys {
     fn default() -> Self {
-        Keys { refresh_seconds: 300, min_refetch_seconds: 10, fetch_timeout_ms: 5000 }
+        Keys { refresh_seconds: 300, min_refetch_seconds: 10, fetch_timeout_ms: 5000, check_wait_ms: 400 }
     }
 }
 

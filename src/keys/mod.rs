@@ -7,7 +7,7 @@
 //!
 //! Key material named by the token itself (`jku`, `x5u`, `jwk`, `x5c`) is never looked at here.
 
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -26,6 +26,74 @@ pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 pub const MIN_RSA_BITS: usize = 2048;
 /// RSA keys longer than this are refused: aws-lc verifies RSA signatures of 2048 to 8192 bits.
 pub const MAX_RSA_BITS: usize = 8192;
+/// The largest RSA public exponent aws-lc verifies with: 2^33 − 1. RFC 7518 allows larger ones;
+/// a key with one could never verify a token, so it is skipped with that reason rather than
+/// turning every token it signed into `invalid_signature`.
+const MAX_RSA_EXPONENT_BITS: usize = 33;
+
+/// Ed25519 public keys of small order (the eight points of the curve's 8-torsion), as their
+/// y-coordinate with x's sign bit cleared: 0 and 1, the y of the order-8 points, p − 1, and p and
+/// p + 1 (the non-canonical spellings of 0 and 1). A signature made without any private key
+/// verifies under such a key (for the identity: R = the identity, S = 0), so one such entry in a
+/// JWKS, an all-zero placeholder say, would let anyone sign as anyone.
+const ED25519_SMALL_ORDER: [[u8; 32]; 7] = [
+    low(0x00),
+    low(0x01),
+    [
+        0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98, 0xf0, 0xd5,
+        0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53, 0xfc, 0x05,
+    ],
+    [
+        0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67, 0x0f, 0x2a,
+        0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac, 0x03, 0x7a,
+    ],
+    high(0xec),
+    high(0xed),
+    high(0xee),
+];
+
+/// A 32-byte little-endian number below 256.
+const fn low(first: u8) -> [u8; 32] {
+    let mut y = [0; 32];
+    y[0] = first;
+    y
+}
+
+/// A 32-byte little-endian number just around p = 2^255 − 19: `first` then all ones, top bit clear.
+const fn high(first: u8) -> [u8; 32] {
+    let mut y = [0xff; 32];
+    y[0] = first;
+    y[31] = 0x7f;
+    y
+}
+
+/// Whether an Ed25519 public key is one of [`ED25519_SMALL_ORDER`], whatever x's sign bit says.
+fn ed25519_small_order(key: &[u8; 32]) -> bool {
+    let mut y = *key;
+    y[31] &= 0x7f;
+    ED25519_SMALL_ORDER.contains(&y)
+}
+
+/// Why aws-lc could never verify with an RSA key of these (minimal, big-endian) components, if it
+/// could not: a public exponent that is even, below 3 or over [`MAX_RSA_EXPONENT_BITS`], or an
+/// even modulus.
+fn rsa_unusable(n: &[u8], e: &[u8]) -> Option<String> {
+    let bits = e.first().map_or(0, |top| (e.len() - 1) * 8 + (8 - top.leading_zeros() as usize));
+    if bits > MAX_RSA_EXPONENT_BITS {
+        return Some(format!(
+            "the RSA public exponent has {bits} bits; aws-lc verifies with exponents of at most \
+             {MAX_RSA_EXPONENT_BITS} bits (65537, the usual one, has 17)"
+        ));
+    }
+    if e.last().is_none_or(|low| low % 2 == 0) || (e.len() == 1 && e[0] < 3) {
+        return Some("the RSA public exponent must be odd and at least 3".into());
+    }
+    if n.last().is_none_or(|low| low % 2 == 0) {
+        return Some("the RSA modulus is even, so it is no RSA modulus".into());
+    }
+    None
+}
+
 /// The longest signature any accepted key makes (RSA-8192: 1024 bytes), with room for base64's
 /// length estimate on top.
 const SIGNATURE_BUFFER: usize = MAX_RSA_BITS / 8 + 8;
@@ -297,7 +365,11 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
                 return Err(format!("RSA key of {bits} bits is longer than {MAX_RSA_BITS}"));
             }
             let e = URL_SAFE_NO_PAD.decode(e.trim_end_matches('=')).map_err(|_| "`e` is not base64url")?;
-            let components = RsaPublicKeyComponents { n, e: without_leading_zeros(&e) };
+            let e = without_leading_zeros(&e);
+            if let Some(why) = rsa_unusable(n, e) {
+                return Err(why);
+            }
+            let components = RsaPublicKeyComponents { n, e };
             let mut parsed = Vec::new();
             for (a, params) in
                 rsa_algorithms().into_iter().filter(|(a, _)| alg.is_none_or(|pinned| pinned == *a))
@@ -347,11 +419,16 @@ fn parse_jwk(v: serde_json::Value) -> Result<VerifyingKey, String> {
                 return Err(format!("unsupported OKP curve {:?}", jwk.crv));
             }
             let x = need(&jwk.x, "x")?;
-            let raw = match URL_SAFE_NO_PAD.decode(&x) {
-                Ok(raw) if raw.len() == 32 => raw,
+            let raw: [u8; 32] = match URL_SAFE_NO_PAD.decode(&x).map(<[u8; 32]>::try_from) {
+                Ok(Ok(raw)) => raw,
                 _ => return Err("Ed25519 key is not 32 bytes".into()),
             };
-            let key = ParsedPublicKey::new(&sig::ED25519, &raw).map_err(|e| format!("invalid key: {e}"))?;
+            if ed25519_small_order(&raw) {
+                return Err("the Ed25519 key is a point of small order (an all-zero placeholder, say), \
+                            under which signatures made without any private key verify"
+                    .into());
+            }
+            let key = ParsedPublicKey::new(&sig::ED25519, raw).map_err(|e| format!("invalid key: {e}"))?;
             (KeyKind::Ed25519, vec![(Algorithm::EdDSA, key)])
         }
         Some("oct") => return Err("symmetric keys are never used".into()),
@@ -411,15 +488,48 @@ pub fn url_is_allowed(url: &str) -> Result<(), String> {
 }
 
 /// The keys of one issuer, kept fresh.
+/// The on-demand fetches of a [`KeyStore`].
+#[derive(Default)]
+struct Refetch {
+    /// When the last one started.
+    last: Option<Instant>,
+    /// Resolves to `true` when the running one has finished.
+    running: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// Ends an on-demand fetch however its task ends: the next miss may start another, and whoever
+/// waits for this one stops waiting.
+struct Finish {
+    store: Arc<KeyStore>,
+    finished: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.store.refetch.lock().unwrap_or_else(PoisonError::into_inner).running = None;
+        let _ = self.finished.send(true);
+    }
+}
+
+/// What [`KeyStore::refetch_on_miss`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refetched {
+    /// The keys may have changed since the caller looked: look again.
+    Maybe,
+    /// Nothing was fetched: the last fetch was too recent.
+    No,
+    /// A fetch is running and did not finish within `check_wait`.
+    StillFetching,
+}
+
 pub struct KeyStore {
     issuer: Arc<str>,
     source: KeySource,
     settings: KeySettings,
     client: reqwest::Client,
     current: ArcSwapOption<KeySet>,
-    /// When the last on-demand (unknown `kid`) fetch started; the lock also coalesces concurrent
-    /// misses into one fetch. Held across the fetch, but only ever on the miss path.
-    last_refetch: tokio::sync::Mutex<Option<Instant>>,
+    /// The on-demand (unknown `kid`) fetches: when the last one started, and the one running.
+    refetch: std::sync::Mutex<Refetch>,
     /// The issuer's algorithms, to warn when a fetched set has no key for any of them.
     algorithms: Vec<Algorithm>,
     /// Where the keys last came from (a JWKS URL after discovery), for logs and `explain`.
@@ -455,7 +565,7 @@ impl KeyStore {
             settings,
             client,
             current: ArcSwapOption::new(initial),
-            last_refetch: tokio::sync::Mutex::new(None),
+            refetch: std::sync::Mutex::new(Refetch::default()),
             resolved_from: ArcSwapOption::empty(),
             metrics,
             refreshing: std::sync::atomic::AtomicBool::new(false),
@@ -468,6 +578,11 @@ impl KeyStore {
 
     pub fn source(&self) -> &KeySource {
         &self.source
+    }
+
+    /// How long a check waits for an on-demand fetch ([`KeyStore::refetch_on_miss`]).
+    pub fn check_wait(&self) -> Duration {
+        self.settings.check_wait
     }
 
     /// The current keys, if any were ever loaded. Lock-free.
@@ -511,23 +626,39 @@ impl KeyStore {
         result
     }
 
-    /// Called when a token names a key the current set lacks: fetches again unless a fetch started
-    /// less than `min_refetch` ago. Concurrent callers share one fetch. Returns whether the keys
-    /// may have changed since the caller looked.
-    pub async fn refetch_on_miss(&self, seen: Option<&Arc<KeySet>>) -> bool {
-        let mut last = self.last_refetch.lock().await;
-        // Someone else refreshed while we waited for the lock: look again before fetching.
-        let now_set = self.current.load_full();
-        if !same_set(now_set.as_ref(), seen) {
-            return true;
+    /// Called when a token names a key the current set lacks (or its issuer has none): fetches
+    /// again unless a fetch started less than `min_refetch` ago, and waits for it at most
+    /// `check_wait`. Concurrent callers share one fetch, which runs on in the background when they
+    /// stop waiting, so the keys are there for the client's retry.
+    pub async fn refetch_on_miss(self: &Arc<Self>, seen: Option<&Arc<KeySet>>) -> Refetched {
+        let mut done = {
+            let mut refetch = self.refetch.lock().unwrap_or_else(PoisonError::into_inner);
+            // Someone else refreshed since the caller looked: look again before fetching.
+            if !same_set(self.current.load_full().as_ref(), seen) {
+                return Refetched::Maybe;
+            }
+            match &refetch.running {
+                Some(running) => running.clone(),
+                None => {
+                    if refetch.last.is_some_and(|at| at.elapsed() < self.settings.min_refetch) {
+                        return Refetched::No;
+                    }
+                    refetch.last = Some(Instant::now());
+                    let (finished, running) = tokio::sync::watch::channel(false);
+                    refetch.running = Some(running.clone());
+                    let finish = Finish { store: self.clone(), finished };
+                    tokio::spawn(async move {
+                        let _ = finish.store.refresh().await;
+                        drop(finish);
+                    });
+                    running
+                }
+            }
+        };
+        match tokio::time::timeout(self.settings.check_wait, done.wait_for(|finished| *finished)).await {
+            Ok(_) => Refetched::Maybe,
+            Err(_) => Refetched::StillFetching,
         }
-        if let Some(at) = *last
-            && at.elapsed() < self.settings.min_refetch
-        {
-            return false;
-        }
-        *last = Some(Instant::now());
-        self.refresh().await.is_ok()
     }
 
     async fn fetch(&self) -> Result<Arc<KeySet>, KeyError> {
@@ -858,6 +989,64 @@ mod tests {
         assert_eq!(set.skipped.len(), 2, "{:?}", set.skipped);
         assert!(set.skipped[0].starts_with("keys[1]: invalid key"), "{:?}", set.skipped);
         assert_eq!(set.skipped[1], "keys[4]: RSA key of 16384 bits is longer than 8192");
+    }
+
+    #[test]
+    fn ed25519_keys_of_small_order_are_left_out() {
+        let mut doc = fixture_doc();
+        let mut small = Vec::new();
+        for (i, y) in ED25519_SMALL_ORDER.iter().enumerate() {
+            for sign in [0, 0x80] {
+                let mut x = *y;
+                x[31] |= sign;
+                small.push(format!("small-{i}-{sign}"));
+                doc["keys"].as_array_mut().unwrap().push(serde_json::json!({
+                    "kty": "OKP", "crv": "Ed25519", "kid": small.last().unwrap(), "x": URL_SAFE_NO_PAD.encode(x)
+                }));
+            }
+        }
+        let set = set_of(&doc);
+        let kids: Vec<_> = set.keys.iter().filter_map(|k| k.kid.as_deref()).collect();
+        assert_eq!(kids, ["rsa-1", "ec-256", "ec-384", "ed-1"], "{:?}", set.skipped);
+        assert_eq!(set.skipped.len(), small.len());
+        assert!(set.skipped.iter().all(|s| s.contains("a point of small order")), "{:?}", set.skipped);
+        // With the identity as key, R = the identity and S = 0 is a valid signature of anything.
+        let forged = URL_SAFE_NO_PAD.encode([&low(1)[..], &[0; 32]].concat());
+        let identity = ParsedPublicKey::new(&sig::ED25519, low(1)).unwrap();
+        assert!(identity.verify_sig(MESSAGE, &URL_SAFE_NO_PAD.decode(&forged).unwrap()).is_ok());
+        assert!(matches!(set.find(Some("small-1-0"), Algorithm::EdDSA), KeyMatch::Unusable(_)));
+        assert!(!key(&set, "ed-1").verify(Algorithm::EdDSA, MESSAGE, &forged));
+    }
+
+    #[test]
+    fn rsa_keys_with_an_exponent_aws_lc_cannot_use_are_left_out() {
+        let mut doc = fixture_doc();
+        let n = doc["keys"][0]["n"].as_str().unwrap().to_string();
+        let mut even_n = URL_SAFE_NO_PAD.decode(&n).unwrap();
+        *even_n.last_mut().unwrap() &= 0xfe;
+        let rsa = |kid: &str, n: &str, e: &[u8]| serde_json::json!({"kty": "RSA", "kid": kid, "n": n, "e": URL_SAFE_NO_PAD.encode(e)});
+        for key in [
+            rsa("e-33-bits", &n, &[0x01, 0xff, 0xff, 0xff, 0xff]),
+            rsa("e-34-bits", &n, &[0x02, 0x00, 0x00, 0x00, 0x01]),
+            rsa("e-1", &n, &[1]),
+            rsa("e-2", &n, &[2]),
+            rsa("e-even", &n, &[0x01, 0x00, 0x00]),
+            rsa("n-even", &URL_SAFE_NO_PAD.encode(&even_n), &[0x01, 0x00, 0x01]),
+        ] {
+            doc["keys"].as_array_mut().unwrap().push(key);
+        }
+        let set = set_of(&doc);
+        let kids: Vec<_> = set.keys.iter().filter_map(|k| k.kid.as_deref()).collect();
+        assert_eq!(kids, ["rsa-1", "ec-256", "ec-384", "ed-1", "e-33-bits"], "{:?}", set.skipped);
+        let why = |kid: &str| match set.find(Some(kid), Algorithm::RS256) {
+            KeyMatch::Unusable(why) => why.to_string(),
+            _ => panic!("{kid} should be left out"),
+        };
+        assert!(why("e-34-bits").contains("exponent has 34 bits"), "{}", why("e-34-bits"));
+        for kid in ["e-1", "e-2", "e-even"] {
+            assert_eq!(why(kid), "the RSA public exponent must be odd and at least 3");
+        }
+        assert!(why("n-even").contains("modulus is even"), "{}", why("n-even"));
     }
 
     fn set_of(doc: &serde_json::Value) -> KeySet {

@@ -289,9 +289,10 @@ async fn through_envoy_over_the_unix_socket_config() {
 }
 
 /// `envoy/subguard-routes-pinned.yaml`: /acme/... is pinned to acme, /globex/... to globex, in any
-/// case of the path, and a tenant's segment with parameters (`/acme;v=1/`, which servlet
-/// containers read as `/acme/`) is refused, so a globex user cannot reach acme's paths by another
-/// spelling of them.
+/// case of the path; a first segment that only starts with a tenant's name (`/acme;v=1/`, which
+/// servlet containers read as `/acme/`, `/acme%3B/`, `/acme./`) is refused; and the host pinned
+/// to acme stays pinned with a trailing dot or an empty port. So a globex user cannot reach acme's
+/// paths or host by another spelling of them.
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_pinned_config_pins_every_spelling_of_a_tenants_path() {
     let (subguard, _upstream, envoy) = over_the_unix_socket("subguard-routes-pinned.yaml");
@@ -308,9 +309,31 @@ async fn routes_pinned_config_pins_every_spelling_of_a_tenants_path() {
         let r = get(&envoy, path, "shared.internal", &headers).await;
         assert_eq!(status(&r), (403, Some("tenant_mismatch".into())), "{path}: {}", r.body);
     }
-    for path in ["/acme;v=1/orders", "/ACME;x/orders", "/globex;x/orders"] {
+    for path in [
+        "/acme;v=1/orders",
+        "/ACME;x/orders",
+        "/globex;x/orders",
+        "/acme%3Bv=1/orders",
+        "/acme%3bv=1/orders",
+        "/acme./orders",
+        "/acme%2e/orders",
+        "/acme%20/orders",
+        "/acme.",
+    ] {
         let r = get(&envoy, path, "shared.internal", &headers).await;
         assert_eq!(r.status, 400, "{path}: {}", r.body);
+    }
+    // The host pinned to acme, however it is spelled: a globex token naming globex is refused.
+    for host in [
+        "orders.acme.internal",
+        "orders.acme.internal:8080",
+        "orders.acme.internal.",
+        "orders.acme.internal.:8080",
+        "orders.acme.internal:",
+        "ORDERS.ACME.INTERNAL.",
+    ] {
+        let r = get(&envoy, "/orders", host, &headers).await;
+        assert_eq!(status(&r), (403, Some("tenant_mismatch".into())), "{host}: {}", r.body);
     }
     drop(subguard);
 }

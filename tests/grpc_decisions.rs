@@ -10,6 +10,7 @@
 mod common;
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use common::check::CheckCall;
 use common::tokens::{b64, mint_raw, sign_segments, with_payload};
@@ -1316,6 +1317,67 @@ async fn grpc_over_a_unix_socket() {
     assert_allowed(&out);
     assert_eq!(out.header("x-user-id"), Some("u-1001"));
     drop(sg);
+}
+
+/// The socket file belongs to the subguard serving it. A second subguard started on the same path
+/// is refused (it used to take the socket over, and whichever stopped first deleted the other's
+/// socket, leaving it unreachable but ready); a subguard that stops removes the file only while
+/// it is still its own; and a socket file left by a process that has ended is cleared at start.
+#[tokio::test]
+async fn a_unix_socket_is_never_taken_over_or_removed_from_under_another_process() {
+    let dir = ConfigDir::new();
+    let socket = dir.socket_path();
+    let on_socket = |admin: &str| {
+        CONFIG
+            .replace(r#"grpc: "127.0.0.1:0""#, &format!(r#"grpc: "unix://{}""#, socket.display()))
+            .replace(r#"admin: "127.0.0.1:0""#, admin)
+    };
+    dir.write_config(&on_socket(r#"admin: "127.0.0.1:0""#));
+    dir.write_users(&users_yaml(now() - 1000));
+    let mut first = Subguard::start_in(dir);
+
+    let second = ConfigDir::with(&on_socket(r#"admin: "127.0.0.1:0""#), &users_yaml(now() - 1000));
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_subguard"))
+        .args(["serve", "--config", second.config_path().to_str().unwrap()])
+        .env_remove("SUBGUARD_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second subguard took over the socket instead of refusing it");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another process is serving on this socket"), "{stderr}");
+    let mut client = common::CheckClient::connect_unix(&socket).await;
+    let out = client.call(&CheckCall::new().tenant("acme").bearer(&acme_rs256().build())).await;
+    assert_allowed(&out);
+
+    // Another process's socket now at the path: the first subguard leaves it when it stops.
+    std::fs::remove_file(&socket).unwrap();
+    let other = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(Duration::from_secs(15)), Some(0));
+    assert!(socket.exists(), "the other process's socket was removed");
+    // That process ends without removing it: the next subguard clears the stale file and serves.
+    drop(other);
+    let third = ConfigDir::with(&on_socket(r#"admin: "127.0.0.1:0""#), &users_yaml(now() - 1000));
+    let mut third = Subguard::start_in(third);
+    let mut client = common::CheckClient::connect_unix(&socket).await;
+    assert_allowed(&client.call(&CheckCall::new().tenant("acme").bearer(&acme_rs256().build())).await);
+    third.signal("TERM");
+    assert_eq!(third.wait_exit(Duration::from_secs(15)), Some(0));
+    assert!(!socket.exists(), "a subguard removes its own socket when it stops");
 }
 
 // Keep the raw-minting helpers exercised even when no test above needs them directly.

@@ -172,30 +172,22 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let routes = grpc::Routes::new(grpc::AuthorizationService::new(state.clone()), health_service);
 
     let mut bound = Bound { grpc: listen.grpc.clone(), admin: None };
+    // Removes the socket file (if it is still this process's) however serve returns.
+    let socket_file: Option<SocketFile>;
     let grpc_task = match &listen.grpc {
         ListenAddr::Tcp(addr) => {
             let listener =
                 TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("listen.grpc {addr}: {e}"))?;
             let local = listener.local_addr()?;
             bound.grpc = ListenAddr::Tcp(local);
+            socket_file = None;
             tokio::spawn(listen::serve(listener, routes, stopped(stop_rx.clone())))
         }
         ListenAddr::Unix(path) => {
-            // A socket left by a previous run would make bind fail; anything else at that path is
-            // not ours to delete.
-            use std::os::unix::fs::FileTypeExt;
-            match std::fs::symlink_metadata(path) {
-                Ok(m) if m.file_type().is_socket() => {
-                    let _ = std::fs::remove_file(path);
-                }
-                Ok(_) => anyhow::bail!(
-                    "listen.grpc unix://{}: a file that is not a socket is in the way",
-                    path.display()
-                ),
-                Err(_) => {}
-            }
+            clear_stale_socket(path).await?;
             let listener = UnixListener::bind(path)
                 .map_err(|e| anyhow::anyhow!("listen.grpc unix://{}: {e}", path.display()))?;
+            socket_file = SocketFile::bound(path);
             tokio::spawn(listen::serve(listener, routes, stopped(stop_rx.clone())))
         }
     };
@@ -270,8 +262,67 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             "grace period over with checks still in flight; exiting"
         ),
     }
-    if let ListenAddr::Unix(path) = &listen.grpc {
-        let _ = std::fs::remove_file(path);
-    }
+    drop(socket_file);
     Ok(())
+}
+
+/// Makes way for the gRPC socket at `path`: a socket file left by a process that has ended is
+/// removed; one that a live process still serves is refused, never taken over (a second subguard
+/// on the same path, a debugging run inside the container), since whichever stopped first would
+/// then delete the other's socket and leave it unreachable while it still reports ready. Anything
+/// else at the path is not ours to delete.
+async fn clear_stale_socket(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {}
+        Ok(_) => {
+            anyhow::bail!("listen.grpc unix://{}: a file that is not a socket is in the way", path.display())
+        }
+        Err(_) => return Ok(()),
+    }
+    let connected = tokio::time::timeout(Duration::from_secs(1), tokio::net::UnixStream::connect(path)).await;
+    match connected {
+        // Nobody listens: left by a process that has ended.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            let _ = std::fs::remove_file(path);
+            Ok(())
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Ok(Err(e)) => {
+            anyhow::bail!("listen.grpc unix://{}: the socket file is in the way ({e})", path.display())
+        }
+        Ok(Ok(_)) | Err(_) => anyhow::bail!(
+            "listen.grpc unix://{}: another process is serving on this socket (a second subguard?); \
+             refusing to take it over",
+            path.display()
+        ),
+    }
+}
+
+/// The gRPC socket file this process bound, removed when dropped, but only while it is still the
+/// same file: one that another process has put in its place since is left alone.
+struct SocketFile {
+    path: std::path::PathBuf,
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    fn bound(path: &std::path::Path) -> Option<SocketFile> {
+        let id = socket_id(path)?;
+        Some(SocketFile { path: path.to_path_buf(), id })
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if socket_id(&self.path) == Some(self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The device and inode of the file at `path` (not following a symlink).
+fn socket_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }

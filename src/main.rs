@@ -221,6 +221,16 @@ fn main() -> ExitCode {
             publish(&config, event)
         }
         Command::Serve { config } => {
+            let runtime = match runtime("", true, ExitCode::FAILURE) {
+                Ok(r) => r,
+                Err(code) => return code,
+            };
+            // Before anything slow (a large users file takes a while to read): until handlers are
+            // in place, SIGHUP and SIGTERM would kill the process with their default action.
+            let signals = {
+                let _context = runtime.enter();
+                Signals::register()
+            };
             let cfg = match subguard::config::load(&config) {
                 Ok(c) => c,
                 Err(errors) => {
@@ -233,11 +243,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = match runtime("", true, ExitCode::FAILURE) {
-                Ok(r) => r,
-                Err(code) => return code,
-            };
-            match runtime.block_on(run(cfg, cli.log_format)) {
+            match runtime.block_on(run(cfg, cli.log_format, signals)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "subguard failed");
@@ -363,28 +369,69 @@ fn read_token(
     Ok((!t.is_empty()).then(|| t.to_string()))
 }
 
-async fn run(cfg: subguard::config::Config, log_format: LogFormat) -> anyhow::Result<()> {
+async fn run(cfg: subguard::config::Config, log_format: LogFormat, signals: Signals) -> anyhow::Result<()> {
     let _telemetry = telemetry::init(log_format, cfg.tracing.as_ref());
     subguard::keys::self_test()?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %cfg.path.display(), tenants = cfg.tenants.len(), "starting");
     for w in &cfg.warnings {
         tracing::warn!(warning = %w, "config warning");
     }
-    subguard::server::serve(cfg, shutdown_signal()).await
+    subguard::server::serve(cfg, signals.shutdown()).await
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            std::future::pending::<()>().await;
-            return;
+/// The signals `serve` answers, registered as the process starts. SIGHUP is only registered here,
+/// so that it no longer kills the process; the reloader listens for it once it runs (a SIGHUP
+/// before that finds the files as they are when the reloader first looks).
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn register() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("subguard: cannot listen for {name}: {e}");
+                None
+            }
+        };
+        drop(listen(SignalKind::hangup(), "SIGHUP"));
+        Signals {
+            term: listen(SignalKind::terminate(), "SIGTERM"),
+            int: listen(SignalKind::interrupt(), "SIGINT"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "signal received"),
+    }
+
+    /// Resolves at the first SIGTERM or SIGINT (one that arrived while the config was read
+    /// included). Later ones are logged: the drain goes on until it ends or the grace period does.
+    async fn shutdown(self) {
+        let Signals { mut term, mut int } = self;
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        let first = tokio::select! {
+            _ = next(&mut term) => "SIGTERM",
+            _ = next(&mut int) => "SIGINT",
+        };
+        tracing::info!(signal = first, "signal received");
+        tokio::spawn(async move {
+            loop {
+                let again = tokio::select! {
+                    _ = next(&mut term) => "SIGTERM",
+                    _ = next(&mut int) => "SIGINT",
+                };
+                tracing::info!(
+                    signal = again,
+                    "signal received again; still draining until the checks in flight finish or the grace period ends"
+                );
+            }
+        });
     }
 }

@@ -602,6 +602,53 @@ fn serve_refuses_an_invalid_config() {
     assert!(logged, "{}", text(&out));
 }
 
+/// A signal that arrives while a large users file is still being read: SIGHUP no longer kills
+/// the process (a config reloader that signals right after a change), and SIGTERM still means
+/// "stop, exit 0" (SPEC §1), not death by the signal's default action.
+#[test]
+fn signals_during_start_up_are_handled() {
+    let users: String = std::iter::once("acme:\n".to_string())
+        .chain((0..300_000).map(|i| format!("  - sub: u-{i}\n")))
+        .collect();
+    let dir = ConfigDir::with(GOOD, &users);
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_subguard"))
+            .args(["serve", "--config", dir.config_path().to_str().unwrap()])
+            .env_remove("SUBGUARD_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let exits_within = |child: &mut std::process::Child, limit: Duration| {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    };
+    // Early: the users file takes far longer than this to read.
+    let early = Duration::from_millis(30);
+
+    let mut child = start();
+    std::thread::sleep(early);
+    common::send_signal(child.id(), "HUP");
+    let died = exits_within(&mut child, Duration::from_secs(3));
+    assert!(died.is_none(), "SIGHUP during start-up ended the process: {died:?}");
+    common::send_signal(child.id(), "TERM");
+    let status = exits_within(&mut child, Duration::from_secs(20)).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+
+    let mut child = start();
+    std::thread::sleep(early);
+    common::send_signal(child.id(), "TERM");
+    let status = exits_within(&mut child, Duration::from_secs(20)).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "SIGTERM during start-up: {status:?}");
+}
+
 #[test]
 fn sigterm_and_sigint_exit_zero() {
     for signal in ["TERM", "INT"] {
@@ -640,8 +687,12 @@ async fn sigterm_lets_in_flight_checks_finish() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     sg.signal("TERM");
+    // A second signal during the drain changes nothing, and says so.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sg.signal("INT");
     let out = in_flight.await.unwrap();
     assert!(out.allowed, "the in-flight check finished normally: {out:#?}");
+    assert_eq!(sg.logged("signal received again; still draining").len(), 1, "{}", sg.logs().join("\n"));
     assert_eq!(out.header("x-user-id"), Some("slow-user"));
     assert_eq!(sg.wait_exit(Duration::from_secs(10)), Some(0));
 }

@@ -490,6 +490,10 @@ fn files_a_config_names_must_be_regular_files_within_a_limit() {
             "keys.check_wait_ms: must be greater than 0",
         ),
         (
+            GOOD.replace(r#"grpc: "127.0.0.1:0""#, &format!(r#"grpc: "unix:///{}/a.sock""#, "d".repeat(110))),
+            "listen.grpc: the socket path is 118 bytes; a Unix socket path can have at most 107",
+        ),
+        (
             GOOD.replace(
                 "kind: file\n  path: users.yaml",
                 "kind: http\n  url: http://127.0.0.1:1/{sub}\n  max_file_bytes: 10",

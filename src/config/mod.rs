@@ -728,10 +728,21 @@ impl Loader {
     }
 
     fn listen(&mut self, raw: raw::Listen) -> Listen {
+        const MAX_SOCKET_PATH: usize = 107;
         let grpc_text = raw.grpc.unwrap_or_else(|| "127.0.0.1:9191".into());
         let grpc = if let Some(p) = grpc_text.strip_prefix("unix://") {
             if !p.starts_with('/') {
                 self.err("listen.grpc", "a unix socket needs an absolute path: unix:///path/to.sock");
+            }
+            // sockaddr_un's sun_path holds 108 bytes, the closing NUL included (Linux).
+            if p.len() > MAX_SOCKET_PATH {
+                self.err(
+                    "listen.grpc",
+                    format!(
+                        "the socket path is {} bytes; a Unix socket path can have at most {MAX_SOCKET_PATH}",
+                        p.len()
+                    ),
+                );
             }
             ListenAddr::Unix(PathBuf::from(p))
         } else {

@@ -358,6 +358,33 @@ async fn a_users_path_turned_to_a_device_or_a_pipe_is_refused_and_reloads_go_on(
     assert!(out.allowed, "a valid change after the refused ones is applied: {out:#?}");
 }
 
+/// A users file emptied (a failed export, a full disk after `cat > users.yaml` truncated it) is
+/// refused like any broken edit: the users serving stay, the refusal is counted and the gauge the
+/// reload alert watches goes to 0. `{}` still means "no users".
+#[tokio::test]
+async fn an_emptied_users_file_is_refused_and_the_users_serving_stay() {
+    let sg = Subguard::start(CONFIG, USERS);
+    let mut client = sg.client().await;
+    for empty in ["", "\n  \n"] {
+        let before = reloads_counted(&sg);
+        let logged_before = sg.logs().len();
+        sg.dir.write_users(empty);
+        let deadline = Instant::now() + WAIT;
+        while reloads_counted(&sg) <= before {
+            assert!(Instant::now() < deadline, "the emptied users file was never counted as refused");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        wait_reload_successful(&sg, 0.0, "an emptied users file");
+        let new_lines = sg.logs()[logged_before..].join("\n");
+        assert!(new_lines.contains("the file is empty"), "{new_lines}");
+        assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed, "the old users keep serving");
+    }
+    sg.dir.write_users("{}");
+    let out =
+        eventually(&mut client, "acme", &acme("u-1"), WAIT, |o| reason(o) == Some("user_not_found")).await;
+    assert_eq!(reason(&out), Some("user_not_found"), "`{{}}` is a file with no users: {out:#?}");
+}
+
 /// How many times a file event made subguard look for changes and it found none (a debug line
 /// each; the look it takes once at start has its own trigger).
 fn unchanged_checks(sg: &Subguard) -> usize {

@@ -36,6 +36,18 @@ impl UsersFile {
             let hint = if matches!(e, ReadError::TooLarge(_)) { " (raise `max_file_bytes`)" } else { "" };
             vec![ConfigError::new("", format!("{e}{hint}: {}", path.display()))]
         })?;
+        // What a failed export, a full disk after `cat > users.yaml`, or a ConfigMap made from a
+        // missing file leaves. Applied, it would deny every user; refused, the version serving
+        // stays. A file that means "no users" says so: `{}`.
+        if text.trim().is_empty() {
+            return Err(vec![ConfigError::new(
+                "",
+                format!(
+                    "the file is empty: {}; write `{{}}` for a directory that has no users",
+                    path.display()
+                ),
+            )]);
+        }
         let parsed = Self::parse(&text);
         if text.len() >= TRIM_AFTER_BYTES {
             drop(text);

@@ -547,7 +547,7 @@ revocation:
 {revocation}"#
         )
     };
-    dir.write_users("");
+    dir.write_users("{}");
     let cases = [
         ("  redis_url: \"http://127.0.0.1:6379\"\n", "revocation.redis_url: scheme `http`"),
         ("  redis_url: \"rediss://redis.internal:6380/#insecure\"\n", "revocation.redis_url: a URL fragment"),

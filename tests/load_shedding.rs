@@ -321,3 +321,27 @@ async fn answers_a_client_never_takes_hold_places_among_the_checks_in_flight() {
         }
     }
 }
+
+/// A request still arriving when shutdown begins (headers sent, the message not) is answered
+/// `UNAVAILABLE` at once, not held until its 10 s receive deadline: no check has started on it,
+/// and the drain would otherwise last those 10 s whatever the grace period (found by an audit: a
+/// client that can reach the listener stretched every pod's termination so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_arriving_at_shutdown_does_not_hold_the_drain() {
+    let directory = DirectoryServer::start();
+    let mut sg = subguard_with(4096, &directory);
+    let sender = connect(&sg).await;
+    let (feed, answer) = open_stream(&sender, CHECK, None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!answer.is_finished(), "the stream waits for its message");
+    let signalled = std::time::Instant::now();
+    sg.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("the stream was held past shutdown")
+        .unwrap();
+    assert_eq!(status.as_deref(), Some("14"), "UNAVAILABLE");
+    assert_eq!(sg.wait_exit(Duration::from_secs(5)), Some(0), "exit well before the 10 s receive deadline");
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+    drop(feed);
+}

@@ -85,15 +85,15 @@ pub struct Budgeted<B> {
     state: Arc<State>,
     held: usize,
     /// Armed the first time the body is not ready (Envoy's are, and never need it), which for a
-    /// stalled stream is as it opens.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// stalled stream is as it opens: the [`RECEIVE_TIMEOUT`], or shutdown, whichever comes first.
+    cut_off: Option<Pin<Box<dyn Future<Output = Status> + Send>>>,
 }
 
 impl<B> Budgeted<B> {
     /// `body` counted as a request being received, or `None` when [`RECEIVING_REQUESTS`] are.
     fn take(body: B, state: &Arc<State>) -> Option<Self> {
         let place = Place::take(state.receiving_requests.clone(), RECEIVING_REQUESTS)?;
-        Some(Budgeted { body, _place: place, state: state.clone(), held: 0, timer: None })
+        Some(Budgeted { body, _place: place, state: state.clone(), held: 0, cut_off: None })
     }
 }
 
@@ -127,12 +127,24 @@ where
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(RECEIVE_TIMEOUT)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(
-                        "the request did not arrive in full within 10 s",
-                    )
-                    .into()))),
+                let cut_off = this.cut_off.get_or_insert_with(|| {
+                    // A request that has not arrived when shutdown begins is not waited for: no
+                    // check has started on it, and the drain would otherwise last until its
+                    // deadline, whatever the grace period.
+                    let shutdown = this.state.shutdown_begun();
+                    Box::pin(async move {
+                        tokio::select! {
+                            () = tokio::time::sleep(RECEIVE_TIMEOUT) => {
+                                Status::deadline_exceeded("the request did not arrive in full within 10 s")
+                            }
+                            () = shutdown => {
+                                Status::unavailable("subguard is shutting down; the request had not arrived")
+                            }
+                        }
+                    })
+                });
+                match cut_off.as_mut().poll(cx) {
+                    Poll::Ready(status) => Poll::Ready(Some(Err(status.into()))),
                     Poll::Pending => Poll::Pending,
                 }
             }

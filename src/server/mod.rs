@@ -40,6 +40,8 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     shutting_down: AtomicBool,
+    /// Told when shutdown begins, for what waits rather than looks (requests still arriving).
+    shutdown_begun: watch::Sender<bool>,
 }
 
 impl State {
@@ -57,6 +59,7 @@ impl State {
                 metrics,
                 registry,
                 shutting_down: AtomicBool::new(false),
+                shutdown_begun: watch::Sender::new(false),
             }
         })
     }
@@ -64,6 +67,14 @@ impl State {
     /// Ready: config loaded, every issuer has usable keys, not shutting down.
     pub fn is_ready(&self) -> bool {
         !self.shutting_down.load(Ordering::Acquire) && self.policy.load().is_ready()
+    }
+
+    /// Resolves once shutdown has begun (at once if it has).
+    pub fn shutdown_begun(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut begun = self.shutdown_begun.subscribe();
+        async move {
+            let _ = begun.wait_for(|b| *b).await;
+        }
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -234,6 +245,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         "shutting down: readiness down, draining in-flight checks"
     );
     state.shutting_down.store(true, Ordering::Release);
+    state.shutdown_begun.send_replace(true);
     watcher.abort();
     // NOT_SERVING, and every health Watch ends: the drain waits for checks, not for watchers.
     health.stop();

@@ -270,6 +270,110 @@ async fn tenants_with_their_own_directories_never_share_requests_or_answers() {
 // The circuit breaker (subguard's addition to SPEC: after consecutive failures the directory is
 // not asked for a while, so checks fail at once instead of each waiting for a timeout).
 
+/// A status that refuses one lookup (`400`, `414` for a huge `sub`) makes that lookup
+/// `directory_unavailable` but does not count towards the breaker: otherwise a tenant whose
+/// identity provider mints such subs could open the breaker for every tenant sharing the
+/// directory. Statuses that say the directory cannot serve anyone (`401`, `429`, `503`) count.
+#[tokio::test]
+async fn statuses_that_refuse_one_lookup_never_open_the_breaker() {
+    let directory = DirectoryServer::start();
+    directory.set_default(Answer::user(json!({"id": "someone"})));
+    let config = format!(
+        r#"
+listen:
+  grpc: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+tenant:
+  header: x-tenant-id
+directory:
+  kind: http
+  url: "{url}"
+  timeout_ms: 1000
+  breaker:
+    failure_threshold: 3
+    cooldown_ms: 60000
+tenants:{acme}{globex}
+"#,
+        url = directory.url_template(),
+        acme = tenant_yaml("acme", ""),
+        globex = tenant_yaml("globex", ""),
+    );
+    let sg = Subguard::start(&config, "");
+    let mut client = sg.client().await;
+    for status in [400, 414, 422] {
+        for i in 1..=4 {
+            let sub = format!("refused-{status}-{i}");
+            directory.set(&sub, Answer::status(status));
+            assert_unavailable(&ask_with(&mut client, "acme", &sub).await);
+        }
+    }
+    assert_eq!(breaker_state(&sg), Some(0.0), "12 refused lookups left the breaker closed");
+    let out = ask_with(&mut client, "globex", "fine").await;
+    assert!(out.allowed, "another tenant's lookups still reach the directory: {out:#?}");
+    // subguard's own credentials refused (401), overload (429), a server error (503): each says
+    // the directory cannot serve anyone now, and three in a row open the breaker.
+    for (i, status) in [401, 429, 503].into_iter().enumerate() {
+        let sub = format!("failing-{status}");
+        directory.set(&sub, Answer::status(status));
+        assert_unavailable(&ask_with(&mut client, "acme", &sub).await);
+        let expected = if i == 2 { 1.0 } else { 0.0 };
+        assert_eq!(breaker_state(&sg), Some(expected), "after {status}");
+    }
+}
+
+/// In an outage every uncached lookup fails: warning about each would flood the platform's logs
+/// at full traffic. Failed lookups are warned about at most once a second per directory, and the
+/// next warning says how many were held back (they are all counted in the lookup metric).
+#[tokio::test]
+async fn failed_lookups_are_warned_about_at_most_once_a_second() {
+    let directory = DirectoryServer::start();
+    directory.set_default(Answer::status(500));
+    let config = format!(
+        r#"
+listen:
+  grpc: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+tenant:
+  header: x-tenant-id
+directory:
+  kind: http
+  url: "{url}"
+  timeout_ms: 1000
+  breaker:
+    failure_threshold: 0
+tenants:{acme}
+"#,
+        url = directory.url_template(),
+        acme = tenant_yaml("acme", ""),
+    );
+    let sg = Subguard::start(&config, "");
+    let mut client = sg.client().await;
+    let warnings = |sg: &Subguard| -> Vec<serde_json::Value> {
+        sg.log_events()
+            .into_iter()
+            .filter(|e| e["level"] == "WARN" && e["fields"]["message"] == "directory lookup")
+            .collect()
+    };
+    let started = Instant::now();
+    for i in 0..40 {
+        assert_unavailable(&ask_with(&mut client, "acme", &format!("down-{i}")).await);
+    }
+    assert_eq!(directory.total_requests(), 40, "every lookup reached the directory");
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    let first = warnings(&sg);
+    assert!(
+        !first.is_empty() && first.len() <= seconds,
+        "{} warnings for 40 failed lookups in {seconds} s",
+        first.len()
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_unavailable(&ask_with(&mut client, "acme", "down-after").await);
+    let last = warnings(&sg).pop().unwrap();
+    assert_eq!(last["fields"]["sub"], "down-after", "{last}");
+    let held_back: u64 = warnings(&sg).iter().map(|w| w["fields"]["held_back"].as_u64().unwrap()).sum();
+    assert_eq!(held_back as usize + warnings(&sg).len(), 41, "every failed lookup warned or counted");
+}
+
 #[tokio::test]
 async fn the_breaker_opens_after_consecutive_failures_and_one_probe_closes_it() {
     let directory = DirectoryServer::start();

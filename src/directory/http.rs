@@ -294,7 +294,7 @@ impl HttpDirectory {
                 Ok(Lookup::Found(user))
             }
             StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Lookup::NotFound),
-            s => Err(FetchError::Transport(format!("status {}", s.as_u16()))),
+            s => Err(FetchError::for_status(s.as_u16())),
         }
     }
 }

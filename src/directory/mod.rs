@@ -57,13 +57,32 @@ pub enum Lookup {
 #[error("directory unavailable: {0}")]
 pub struct DirectoryError(pub String);
 
-/// Why a backend call failed. Both are `directory_unavailable` for the request; only transport
+/// Why a backend call failed. All are `directory_unavailable` for the request; only transport
 /// failures (timeouts, refused connections, error statuses) count towards the circuit breaker, so
-/// one malformed user record cannot take the directory down for every other user.
+/// one malformed user record, or one `sub` the directory refuses, cannot take the directory down
+/// for every other user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchError {
     Transport(String),
     Data(String),
+    /// A status that refuses this one request rather than say the directory is failing.
+    Refused(String),
+}
+
+impl FetchError {
+    /// The error for an answer of `status` that is neither a user nor "no such user". A client
+    /// error that concerns the request itself (`400`, `414 URI Too Long` for a huge `sub`...) is
+    /// [`FetchError::Refused`]: the directory is up, and a tenant whose identity provider mints
+    /// such subs, by mistake or on purpose, must not open the breaker for every tenant sharing the
+    /// directory. Server errors, and the client errors that say the directory cannot serve anyone
+    /// now (`401`, `403` and `407`: subguard's credentials; `408`, `429`: overload), count.
+    pub fn for_status(status: u16) -> FetchError {
+        let message = format!("status {status}");
+        match status {
+            400..=499 if !matches!(status, 401 | 403 | 407 | 408 | 429) => FetchError::Refused(message),
+            _ => FetchError::Transport(message),
+        }
+    }
 }
 
 impl From<FetchError> for DirectoryError {
@@ -71,6 +90,7 @@ impl From<FetchError> for DirectoryError {
         match e {
             FetchError::Transport(m) => DirectoryError(m),
             FetchError::Data(m) => DirectoryError(format!("invalid directory data: {m}")),
+            FetchError::Refused(m) => DirectoryError(format!("the directory refused the lookup: {m}")),
         }
     }
 }
@@ -126,6 +146,50 @@ pub struct Directory {
     breaker: Breaker,
     normalize: Normalize,
     metrics: Arc<Metrics>,
+    /// Failed and stale lookups are warned about at most once a second.
+    warnings: WarnGate,
+}
+
+/// Lets one warning through a second and counts the rest. In an outage every uncached check
+/// fails its lookup (at once, with the breaker open) or is served stale: a warning for each
+/// would write megabytes a second into the platform's logs at full traffic, and say nothing the
+/// first line, the breaker's state changes and `subguard_directory_lookups_total` do not.
+#[derive(Debug)]
+struct WarnGate {
+    started: Instant,
+    /// Milliseconds from `started` at the last warning let through, plus one (0: none yet).
+    last: std::sync::atomic::AtomicU64,
+    held_back: std::sync::atomic::AtomicU64,
+}
+
+impl WarnGate {
+    const EVERY_MS: u64 = 1000;
+
+    fn new() -> Self {
+        WarnGate {
+            started: Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+            held_back: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: warn now, `n` warnings having been held back since the last one; `None`: hold
+    /// this one back.
+    fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Relaxed);
+        if last != 0 && now < last + Self::EVERY_MS {
+            self.held_back.fetch_add(1, Relaxed);
+            return None;
+        }
+        // One caller wins the second; a loser is held back like any other.
+        if self.last.compare_exchange(last, now, Relaxed, Relaxed).is_err() {
+            self.held_back.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.held_back.swap(0, Relaxed))
+    }
 }
 
 impl Directory {
@@ -153,6 +217,7 @@ impl Directory {
             breaker: Breaker::new(config.breaker),
             normalize: config.normalize,
             metrics,
+            warnings: WarnGate::new(),
         })
     }
 
@@ -212,20 +277,32 @@ impl Directory {
         self.metrics.directory_lookup(tenant, outcome);
         if !matches!(self.backend, Backend::File(_)) && answer.served != Served::CacheHit {
             let ms = started.elapsed().as_secs_f64() * 1000.0;
-            match &answer.result {
-                Err(e) => {
-                    tracing::warn!(tenant = &**tenant, sub = &*sub, outcome, error = %e.0, ms, "directory lookup")
+            let failed = answer.result.is_err() || answer.served == Served::Stale;
+            let warn = if failed { self.warnings.admit() } else { None };
+            match (&answer.result, warn) {
+                (Err(e), Some(held_back)) => tracing::warn!(
+                    tenant = &**tenant,
+                    sub = &*sub,
+                    outcome,
+                    error = %e.0,
+                    ms,
+                    held_back,
+                    "directory lookup"
+                ),
+                (Ok(_), Some(held_back)) => tracing::warn!(
+                    tenant = &**tenant,
+                    sub = &*sub,
+                    outcome,
+                    ms,
+                    held_back,
+                    "directory lookup failed; serving stale user"
+                ),
+                (Err(e), None) => {
+                    tracing::debug!(tenant = &**tenant, sub = &*sub, outcome, error = %e.0, ms, "directory lookup")
                 }
-                Ok(_) if answer.served == Served::Stale => {
-                    tracing::warn!(
-                        tenant = &**tenant,
-                        sub = &*sub,
-                        outcome,
-                        ms,
-                        "directory lookup failed; serving stale user"
-                    )
+                (Ok(_), None) => {
+                    tracing::debug!(tenant = &**tenant, sub = &*sub, outcome, ms, "directory lookup")
                 }
-                Ok(_) => tracing::debug!(tenant = &**tenant, sub = &*sub, outcome, ms, "directory lookup"),
             }
         }
         answer

@@ -171,7 +171,7 @@ impl ScimDirectory {
                     }
                 }
             }
-            (_, s) => return Err(FetchError::Transport(format!("status {s}"))),
+            (_, s) => return Err(FetchError::for_status(s)),
         };
         if !user.is(self.match_by, sub) {
             let attribute = match self.match_by {

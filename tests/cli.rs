@@ -97,6 +97,34 @@ fn validate_reports_every_error_one_per_line() {
     }
 }
 
+/// A file the config names is shown as resolved against the config's folder, for every kind of
+/// file alike: `no such file: missing.json` would send the reader to their own current folder.
+#[test]
+fn file_errors_name_the_file_where_subguard_looked_for_it() {
+    let dir = ConfigDir::new();
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    let config = GOOD.replace("jwks_file: keys/issuer-a.jwks.json", "jwks_file: missing.json")
+        + "  globex:\n    issuers:\n      - issuer: \"https://idp.globex.test/\"\n        audiences: [\"orders\"]\n        \
+           jwks_file: keys/issuer-b.jwks.json\n    directory:\n      kind: http\n      url: \"https://u.test/{sub}\"\n      \
+           ca_file: nope.pem\n";
+    std::fs::write(dir.path().join("conf/config.yaml"), config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_subguard"))
+        .args(["validate", "--config", "conf/config.yaml"])
+        .current_dir(dir.path())
+        .env_remove("SUBGUARD_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "tenants.acme.issuers[0].jwks_file: no such file: conf/missing.json",
+        "tenants.globex.issuers[0].jwks_file: no such file: conf/keys/issuer-b.jwks.json",
+        "tenants.globex.directory.ca_file: no such file: conf/nope.pem",
+        "directory.path: no such file: conf/users.yaml",
+    ] {
+        assert!(stdout.lines().any(|l| l == expected), "no line {expected:?}:\n{}", text(&out));
+    }
+}
+
 #[test]
 fn unknown_keys_are_errors() {
     // A typo must not silently weaken security.

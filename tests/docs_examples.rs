@@ -232,7 +232,12 @@ fn provide(dir: &ConfigDir, config: &Value, env: &mut Vec<(String, String)>) {
 /// `subguard validate --config <dir>/config.yaml`.
 fn validate(dir: &ConfigDir, env: &[(String, String)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_subguard"));
-    cmd.arg("validate").arg("--config").arg(dir.config_path()).env_remove("SUBGUARD_CONFIG");
+    // As the pages run it: from the config's folder, so the paths it prints are the pages' too.
+    cmd.arg("validate")
+        .arg("--config")
+        .arg("config.yaml")
+        .current_dir(dir.path())
+        .env_remove("SUBGUARD_CONFIG");
     for (name, value) in env {
         cmd.env(name, value);
     }

@@ -432,6 +432,9 @@ impl Loader {
 
     /// The file `p` names, relative to the config's folder; `None` (reported at `at`) when `p` is
     /// empty, which would name the folder itself.
+    /// The file `p` names, resolved against the config's folder; errors about it show that
+    /// resolved path, as the users file's do, so `no such file: keys.json` never sends anyone
+    /// looking in their current folder.
     fn file_path(&mut self, at: String, p: &str) -> Option<PathBuf> {
         if p.trim().is_empty() {
             self.err(at, "must name a file, not be empty");
@@ -445,7 +448,7 @@ impl Loader {
         let path = self.file_path(format!("{p}.ca_file"), f)?;
         self.extra_files.push(path.clone());
         read::file(&path, read::SMALL_FILE_MAX_BYTES)
-            .map_err(|e| self.err(format!("{p}.ca_file"), format!("{e}: {f}")))
+            .map_err(|e| self.err(format!("{p}.ca_file"), format!("{e}: {}", path.display())))
             .ok()
     }
 
@@ -1236,12 +1239,12 @@ impl Loader {
                 self.extra_files.push(path.clone());
                 match read::text(&path, read::SMALL_FILE_MAX_BYTES) {
                     Ok(v) if v.trim_end_matches(['\n', '\r']).is_empty() => {
-                        self.err(format!("{p}.from_file"), format!("the file is empty: {f}"));
+                        self.err(format!("{p}.from_file"), format!("the file is empty: {}", path.display()));
                         None
                     }
                     Ok(v) => Some(v.trim_end_matches(['\n', '\r']).to_string()),
                     Err(e) => {
-                        self.err(format!("{p}.from_file"), format!("{e}: {f}"));
+                        self.err(format!("{p}.from_file"), format!("{e}: {}", path.display()));
                         None
                     }
                 }
@@ -1338,7 +1341,7 @@ impl Loader {
             let path = self.file_path(format!("{ip}.jwks_file"), &file)?;
             match read::file(&path, crate::keys::MAX_DOCUMENT_BYTES as u64) {
                 Err(e) => {
-                    self.err(format!("{ip}.jwks_file"), format!("{e}: {file}"));
+                    self.err(format!("{ip}.jwks_file"), format!("{e}: {}", path.display()));
                     return None;
                 }
                 Ok(bytes) => match KeySet::from_jwks(&bytes) {

@@ -443,6 +443,33 @@ impl Metrics {
         }
     }
 
+    /// Drops the series of a tenant a reload removed (its checks, its directory lookups), so
+    /// dashboards stop listing it; a tenant added again starts from zero, which Prometheus reads
+    /// as a counter reset.
+    pub fn forget_tenant(&self, tenant: &Arc<str>) {
+        for outcome in ["found", "not_found", "error", "cache_hit", "stale"] {
+            self.directory_lookups.remove(&DirectoryLabels { tenant: Name(tenant.clone()), outcome });
+        }
+        let decisions = crate::decision::Reason::ALL
+            .iter()
+            .map(|r| ("deny", r.code()))
+            .chain(std::iter::once(("allow", "ok")));
+        for (decision, reason) in decisions {
+            self.checks.remove(&CheckLabels { decision, reason, tenant: Name(tenant.clone()) });
+        }
+    }
+
+    /// Drops the series of an issuer no tenant trusts any more, and of a directory that is gone.
+    pub fn forget_issuer(&self, issuer: &Arc<str>) {
+        for outcome in ["ok", "error"] {
+            self.jwks_fetches.remove(&JwksLabels { issuer: Name(issuer.clone()), outcome });
+        }
+    }
+
+    pub fn forget_directory(&self, directory: &Arc<str>) {
+        self.breaker_state.remove(&BreakerLabels { directory: Name(directory.clone()) });
+    }
+
     pub fn breaker_changed(&self, directory: &Arc<str>, state: crate::directory::breaker::BreakerState) {
         use crate::directory::breaker::BreakerState;
         let v = match state {

@@ -385,6 +385,36 @@ async fn an_emptied_users_file_is_refused_and_the_users_serving_stay() {
     assert_eq!(reason(&out), Some("user_not_found"), "`{{}}` is a file with no users: {out:#?}");
 }
 
+/// A tenant removed by a reload disappears from `/metrics` (its checks, its directory lookups,
+/// the key fetches of an issuer no tenant trusts any more): dashboards do not go on listing it.
+/// The tenants that stay keep their counts.
+#[tokio::test]
+async fn a_tenant_removed_by_a_reload_leaves_no_series_behind() {
+    let sg = Subguard::start(&format!("{CONFIG}{GLOBEX}"), USERS);
+    let mut client = sg.client().await;
+    assert!(ask(&mut client, "globex", &globex("g-1")).await.allowed);
+    assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed);
+    let mentions = |metrics: &str, needle: &str| metrics.lines().filter(|l| l.contains(needle)).count();
+    let before = sg.metrics();
+    assert!(mentions(&before, r#"tenant="globex""#) > 0, "{before}");
+    assert!(mentions(&before, r#"issuer="https://idp.globex.test/""#) > 0, "{before}");
+
+    sg.dir.write_config(CONFIG);
+    let out =
+        eventually(&mut client, "globex", &globex("g-1"), WAIT, |o| reason(o) == Some("unknown_tenant"))
+            .await;
+    assert_eq!(reason(&out), Some("unknown_tenant"));
+    let after = sg.metrics();
+    assert_eq!(mentions(&after, r#"tenant="globex""#), 0, "{after}");
+    assert_eq!(mentions(&after, r#"issuer="https://idp.globex.test/""#), 0, "{after}");
+    let kept = required(
+        &after,
+        "subguard_checks_total",
+        &[("decision", "allow"), ("reason", "ok"), ("tenant", "acme")],
+    );
+    assert_eq!(kept, 1.0, "acme's count stays");
+}
+
 /// How many times a file event made subguard look for changes and it found none (a debug line
 /// each; the look it takes once at start has its own trigger).
 fn unchanged_checks(sg: &Subguard) -> usize {

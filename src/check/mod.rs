@@ -201,6 +201,30 @@ impl Policy {
         }
     }
 
+    /// After a reload from `previous`: forgets the metric series of what this policy no longer
+    /// has (tenants, issuers no tenant trusts, directories), so dashboards stop showing them.
+    pub fn forget_metrics_of_what_is_gone(&self, previous: &Policy) {
+        let issuers = |p: &Policy| -> HashSet<Arc<str>> {
+            p.tenants.values().flat_map(|t| t.issuers.iter().map(|i| i.iss.clone())).collect()
+        };
+        let directories = |p: &Policy| -> HashSet<Arc<str>> {
+            p.tenants.values().map(|t| Arc::<str>::from(t.directory.name())).collect()
+        };
+        for (name, tenant) in &previous.tenants {
+            if !self.tenants.contains_key(name) {
+                self.metrics.forget_tenant(&tenant.name);
+            }
+        }
+        let kept = issuers(self);
+        for issuer in issuers(previous).difference(&kept) {
+            self.metrics.forget_issuer(issuer);
+        }
+        let kept = directories(self);
+        for directory in directories(previous).difference(&kept) {
+            self.metrics.forget_directory(directory);
+        }
+    }
+
     /// This policy's directory built from exactly these settings, if any.
     fn directory_like(&self, wanted: &crate::config::DirectoryConfig) -> Option<Arc<Directory>> {
         self.config

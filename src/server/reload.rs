@@ -364,6 +364,7 @@ impl Reloader {
         }
         policy.adopt_directory_caches(&old).await;
         policy.start_key_refresh();
+        policy.forget_metrics_of_what_is_gone(&old);
         self.state.policy.store(Arc::new(policy));
         self.state.start_revocation();
         self.files = files;

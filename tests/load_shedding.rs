@@ -323,7 +323,7 @@ async fn answers_a_client_never_takes_hold_places_among_the_checks_in_flight() {
 }
 
 /// A request still arriving when shutdown begins (headers sent, the message not) is answered
-/// `UNAVAILABLE` at once, not held until its 10 s receive deadline: no check has started on it,
+/// `UNAVAILABLE` a moment later (250 ms), not held until its 10 s receive deadline: no check has started on it,
 /// and the drain would otherwise last those 10 s whatever the grace period (found by an audit: a
 /// client that can reach the listener stretched every pod's termination so).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -573,7 +573,7 @@ revocation:
         ),
         (
             "  redis_url: \"redis://127.0.0.1:6379\"\n  password: {from_file: empty-secret}\n",
-            "revocation.password.from_file: the file is empty: empty-secret",
+            "revocation.password.from_file: the file is empty: /",
         ),
         (
             "  redis_url: \"redis://127.0.0.1:6379\"\n  password: {value: \"\"}\n",

@@ -487,7 +487,6 @@ pub fn url_is_allowed(url: &str) -> Result<(), String> {
     }
 }
 
-/// The keys of one issuer, kept fresh.
 /// The on-demand fetches of a [`KeyStore`].
 #[derive(Default)]
 struct Refetch {
@@ -522,6 +521,7 @@ pub enum Refetched {
     StillFetching,
 }
 
+/// The keys of one issuer, kept fresh.
 pub struct KeyStore {
     issuer: Arc<str>,
     source: KeySource,

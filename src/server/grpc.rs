@@ -74,6 +74,10 @@ pub const RECEIVING_REQUESTS: usize = 4096;
 /// its preface within 10 s.
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long after shutdown begins a request still arriving is waited for, instead of
+/// [`RECEIVE_TIMEOUT`].
+pub const ARRIVING_AT_SHUTDOWN: Duration = Duration::from_millis(250);
+
 /// A request body being received, as [`Routes`] hands it on: it counts itself against
 /// [`RECEIVING_REQUESTS`] and what it delivers against [`PENDING_REQUEST_BYTES`] while it lives
 /// (tonic drops it once the request is read), and fails once [`RECEIVE_TIMEOUT`] has passed
@@ -128,16 +132,20 @@ where
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 let cut_off = this.cut_off.get_or_insert_with(|| {
-                    // A request that has not arrived when shutdown begins is not waited for: no
-                    // check has started on it, and the drain would otherwise last until its
-                    // deadline, whatever the grace period.
+                    // A request that has not arrived shortly after shutdown begins is not waited
+                    // for: no check has started on it, and the drain would otherwise last until
+                    // its deadline, whatever the grace period. The moment's wait is for a check
+                    // whose message was on its way (split over reads) as the signal came.
                     let shutdown = this.state.shutdown_begun();
                     Box::pin(async move {
                         tokio::select! {
                             () = tokio::time::sleep(RECEIVE_TIMEOUT) => {
                                 Status::deadline_exceeded("the request did not arrive in full within 10 s")
                             }
-                            () = shutdown => {
+                            () = async {
+                                shutdown.await;
+                                tokio::time::sleep(ARRIVING_AT_SHUTDOWN).await;
+                            } => {
                                 Status::unavailable("subguard is shutting down; the request had not arrived")
                             }
                         }

@@ -266,18 +266,9 @@ async fn tenants_with_their_own_directories_never_share_requests_or_answers() {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The circuit breaker (subguard's addition to SPEC: after consecutive failures the directory is
-// not asked for a while, so checks fail at once instead of each waiting for a timeout).
-
-/// A status that refuses one lookup (`400`, `414` for a huge `sub`) makes that lookup
-/// `directory_unavailable` but does not count towards the breaker: otherwise a tenant whose
-/// identity provider mints such subs could open the breaker for every tenant sharing the
-/// directory. Statuses that say the directory cannot serve anyone (`401`, `429`, `503`) count.
-#[tokio::test]
-async fn statuses_that_refuse_one_lookup_never_open_the_breaker() {
-    let directory = DirectoryServer::start();
-    directory.set_default(Answer::user(json!({"id": "someone"})));
+/// A subguard whose default directory is `directory` (HTTP, `timeout_ms: 1000`) with this
+/// `breaker:` block, serving `tenants` (each with its own issuer).
+fn over_http_with_breaker(directory: &DirectoryServer, breaker: &str, tenants: &[&str]) -> Subguard {
     let config = format!(
         r#"
 listen:
@@ -290,15 +281,32 @@ directory:
   url: "{url}"
   timeout_ms: 1000
   breaker:
-    failure_threshold: 3
-    cooldown_ms: 60000
-tenants:{acme}{globex}
+{breaker}
+tenants:{tenants}
 "#,
         url = directory.url_template(),
-        acme = tenant_yaml("acme", ""),
-        globex = tenant_yaml("globex", ""),
+        tenants = tenants.iter().map(|t| tenant_yaml(t, "")).collect::<String>(),
     );
-    let sg = Subguard::start(&config, "");
+    Subguard::start(&config, "")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The circuit breaker (subguard's addition to SPEC: after consecutive failures the directory is
+// not asked for a while, so checks fail at once instead of each waiting for a timeout).
+
+/// A status that refuses one lookup (`400`, `414` for a huge `sub`) makes that lookup
+/// `directory_unavailable` but does not count towards the breaker: otherwise a tenant whose
+/// identity provider mints such subs could open the breaker for every tenant sharing the
+/// directory. Statuses that say the directory cannot serve anyone (`401`, `429`, `503`) count.
+#[tokio::test]
+async fn statuses_that_refuse_one_lookup_never_open_the_breaker() {
+    let directory = DirectoryServer::start();
+    directory.set_default(Answer::user(json!({"id": "someone"})));
+    let sg = over_http_with_breaker(
+        &directory,
+        "    failure_threshold: 3\n    cooldown_ms: 60000",
+        &["acme", "globex"],
+    );
     let mut client = sg.client().await;
     for status in [400, 414, 422] {
         for i in 1..=4 {
@@ -328,25 +336,7 @@ tenants:{acme}{globex}
 async fn failed_lookups_are_warned_about_at_most_once_a_second() {
     let directory = DirectoryServer::start();
     directory.set_default(Answer::status(500));
-    let config = format!(
-        r#"
-listen:
-  grpc: "127.0.0.1:0"
-  admin: "127.0.0.1:0"
-tenant:
-  header: x-tenant-id
-directory:
-  kind: http
-  url: "{url}"
-  timeout_ms: 1000
-  breaker:
-    failure_threshold: 0
-tenants:{acme}
-"#,
-        url = directory.url_template(),
-        acme = tenant_yaml("acme", ""),
-    );
-    let sg = Subguard::start(&config, "");
+    let sg = over_http_with_breaker(&directory, "    failure_threshold: 0", &["acme"]);
     let mut client = sg.client().await;
     let warnings = |sg: &Subguard| -> Vec<serde_json::Value> {
         sg.log_events()
@@ -378,26 +368,7 @@ tenants:{acme}
 async fn the_breaker_opens_after_consecutive_failures_and_one_probe_closes_it() {
     let directory = DirectoryServer::start();
     directory.set_default(Answer::status(500));
-    let config = format!(
-        r#"
-listen:
-  grpc: "127.0.0.1:0"
-  admin: "127.0.0.1:0"
-tenant:
-  header: x-tenant-id
-directory:
-  kind: http
-  url: "{url}"
-  timeout_ms: 1000
-  breaker:
-    failure_threshold: 3
-    cooldown_ms: 500
-tenants:{acme}
-"#,
-        url = directory.url_template(),
-        acme = tenant_yaml("acme", ""),
-    );
-    let sg = Subguard::start(&config, "");
+    let sg = over_http_with_breaker(&directory, "    failure_threshold: 3\n    cooldown_ms: 500", &["acme"]);
     let mut client = sg.client().await;
 
     // Three failed lookups of three different users: each reached the directory.

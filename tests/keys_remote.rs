@@ -157,6 +157,40 @@ async fn a_slow_refetch_is_keys_unavailable_and_the_retry_finds_the_key() {
     assert_eq!(idp.jwks_requests(), before + 1, "one fetch served every check of the new kid");
 }
 
+/// A slow on-demand fetch that finishes after a later fetch (here a periodic refresh) must not put
+/// its older keys back: a key the issuer withdrew in between would be accepted again until the
+/// next refresh. (Found by an audit once on-demand fetches went on in the background.)
+#[tokio::test]
+async fn a_fetch_that_finishes_late_never_puts_older_keys_back() {
+    let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));
+    let config = jwks_uri_config(&idp, 1).replace("refresh_seconds: 300", "refresh_seconds: 2");
+    let sg = Subguard::start(&config, USERS);
+    let mut client = sg.client().await;
+    assert_allowed(&ask(&mut client, &token("rsa-1")).await);
+
+    // An unknown kid starts a fetch that the IdP answers 3 s later, with the keys of now (rsa-1).
+    wait_refetch_window(1);
+    idp.set_delay(Duration::from_secs(3));
+    let slow_started = std::time::Instant::now();
+    assert_reason(&ask(&mut client, &token("rsa-2")).await, "keys_unavailable", 503);
+    // Then the issuer rotates: rsa-2 only, answered at once. A periodic refresh installs it.
+    idp.set_jwks(&jwks_text("issuer-a-rotated.jwks.json"));
+    idp.set_delay(Duration::ZERO);
+    let mut out = ask(&mut client, &token("rsa-2")).await;
+    while !out.allowed && slow_started.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        out = ask(&mut client, &token("rsa-2")).await;
+    }
+    assert_allowed(&out);
+    // The slow fetch answers now, with the old keys: they stay out.
+    let answered = Duration::from_millis(3300);
+    if let Some(left) = answered.checked_sub(slow_started.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    assert_reason(&ask(&mut client, &token("rsa-1")).await, "unknown_key", 401);
+    assert_allowed(&ask(&mut client, &token("rsa-2")).await);
+}
+
 #[tokio::test]
 async fn unknown_kid_refetch_is_rate_limited_per_issuer() {
     let idp = JwksServer::start(&jwks_text("issuer-a.jwks.json"));

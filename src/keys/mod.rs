@@ -530,6 +530,11 @@ pub struct KeyStore {
     current: ArcSwapOption<KeySet>,
     /// The on-demand (unknown `kid`) fetches: when the last one started, and the one running.
     refetch: std::sync::Mutex<Refetch>,
+    /// Fetches started so far, and the number of the one whose keys are installed: a fetch that
+    /// finishes after a later one (an on-demand fetch slowed down, a refresh quicker) must not
+    /// put back the keys the later one replaced, a key the issuer withdrew among them.
+    fetches_started: std::sync::atomic::AtomicU64,
+    installed: std::sync::Mutex<u64>,
     /// The issuer's algorithms, to warn when a fetched set has no key for any of them.
     algorithms: Vec<Algorithm>,
     /// Where the keys last came from (a JWKS URL after discovery), for logs and `explain`.
@@ -566,6 +571,8 @@ impl KeyStore {
             client,
             current: ArcSwapOption::new(initial),
             refetch: std::sync::Mutex::new(Refetch::default()),
+            fetches_started: std::sync::atomic::AtomicU64::new(0),
+            installed: std::sync::Mutex::new(0),
             resolved_from: ArcSwapOption::empty(),
             metrics,
             refreshing: std::sync::atomic::AtomicBool::new(false),
@@ -601,6 +608,7 @@ impl KeyStore {
 
     /// Fetches the keys now and installs them; on failure the last good keys stay.
     pub async fn refresh(&self) -> Result<Arc<KeySet>, KeyError> {
+        let number = self.fetches_started.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let result = self.fetch().await;
         self.metrics.jwks_fetch(&self.issuer, result.is_ok());
         match &result {
@@ -616,8 +624,14 @@ impl KeyStore {
                         "jwks has no key for any of the issuer's algorithms: its tokens cannot verify"
                     );
                 }
-                tracing::debug!(issuer = %self.issuer, keys = set.keys.len(), "jwks loaded");
-                self.current.store(Some(set.clone()));
+                let mut installed = self.installed.lock().unwrap_or_else(PoisonError::into_inner);
+                if number > *installed {
+                    *installed = number;
+                    self.current.store(Some(set.clone()));
+                    tracing::debug!(issuer = %self.issuer, keys = set.keys.len(), "jwks loaded");
+                } else {
+                    tracing::debug!(issuer = %self.issuer, "jwks fetched after a later fetch had finished; kept the later keys");
+                }
             }
             Err(e) => {
                 tracing::warn!(issuer = %self.issuer, error = %e, kept_last_good = self.is_ready(), "jwks fetch failed");

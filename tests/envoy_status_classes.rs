@@ -319,6 +319,12 @@ async fn routes_pinned_config_pins_every_spelling_of_a_tenants_path() {
         "/acme%2e/orders",
         "/acme%20/orders",
         "/acme.",
+        "/;/acme/orders",
+        "/;v=1/acme/orders",
+        "/%2e;/acme/orders",
+        "/x/%2e%2e;/acme/orders",
+        "/x/%2E%2E;jsessionid=1/acme/orders",
+        "/x/..%3b/acme/orders",
     ] {
         let r = get(&envoy, path, "shared.internal", &headers).await;
         assert_eq!(r.status, 400, "{path}: {}", r.body);
@@ -334,6 +340,17 @@ async fn routes_pinned_config_pins_every_spelling_of_a_tenants_path() {
     ] {
         let r = get(&envoy, "/orders", host, &headers).await;
         assert_eq!(status(&r), (403, Some("tenant_mismatch".into())), "{host}: {}", r.body);
+    }
+    // A host with userinfo is refused; a client's forwarded-host headers never reach the app.
+    let r = get(&envoy, "/orders", "u@orders.acme.internal", &headers).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let mut forwarded = headers.clone();
+    forwarded
+        .extend([("x-forwarded-host", "orders.acme.internal"), ("forwarded", "host=orders.acme.internal")]);
+    let r = get(&envoy, "/orders", "shared.internal", &forwarded).await;
+    assert_eq!(status(&r), (200, None), "{}", r.body);
+    for name in ["x-forwarded-host", "forwarded"] {
+        assert!(r.json().get(name).is_none(), "{name} reached the app: {}", r.body);
     }
     drop(subguard);
 }

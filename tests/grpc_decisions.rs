@@ -1337,28 +1337,31 @@ async fn a_unix_socket_is_never_taken_over_or_removed_from_under_another_process
     let mut first = Subguard::start_in(dir);
 
     let second = ConfigDir::with(&on_socket(r#"admin: "127.0.0.1:0""#), &users_yaml(now() - 1000));
-    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_subguard"))
-        .args(["serve", "--config", second.config_path().to_str().unwrap()])
-        .env_remove("SUBGUARD_CONFIG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = second.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = second.kill();
-            panic!("a second subguard took over the socket instead of refusing it");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let refused = |dir: &ConfigDir| {
+        let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_subguard"))
+            .args(["serve", "--config", dir.config_path().to_str().unwrap()])
+            .env_remove("SUBGUARD_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = second.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = second.kill();
+                panic!("a second subguard took over the socket instead of refusing it");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("another process is serving on this socket"), "{stderr}");
     };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("another process is serving on this socket"), "{stderr}");
+    refused(&second);
     let mut client = common::CheckClient::connect_unix(&socket).await;
     let out = client.call(&CheckCall::new().tenant("acme").bearer(&acme_rs256().build())).await;
     assert_allowed(&out);
@@ -1369,8 +1372,15 @@ async fn a_unix_socket_is_never_taken_over_or_removed_from_under_another_process
     first.signal("TERM");
     assert_eq!(first.wait_exit(Duration::from_secs(15)), Some(0));
     assert!(socket.exists(), "the other process's socket was removed");
-    // That process ends without removing it: the next subguard clears the stale file and serves.
+    // That process ends without removing it, and the socket is stale. Whoever holds its lock
+    // (`<socket>.lock`: a subguard starting at the same moment) still keeps others off it.
     drop(other);
+    let mut lock_name = socket.clone().into_os_string();
+    lock_name.push(".lock");
+    let lock = std::fs::File::open(&lock_name).unwrap();
+    lock.try_lock().unwrap();
+    refused(&second);
+    drop(lock);
     let third = ConfigDir::with(&on_socket(r#"admin: "127.0.0.1:0""#), &users_yaml(now() - 1000));
     let mut third = Subguard::start_in(third);
     let mut client = common::CheckClient::connect_unix(&socket).await;

@@ -195,10 +195,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             tokio::spawn(listen::serve(listener, routes, stopped(stop_rx.clone())))
         }
         ListenAddr::Unix(path) => {
+            let lock = lock_socket(path)?;
             clear_stale_socket(path).await?;
             let listener = UnixListener::bind(path)
                 .map_err(|e| anyhow::anyhow!("listen.grpc unix://{}: {e}", path.display()))?;
-            socket_file = SocketFile::bound(path);
+            socket_file = SocketFile::bound(path, lock);
             tokio::spawn(listen::serve(listener, routes, stopped(stop_rx.clone())))
         }
     };
@@ -278,6 +279,31 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     Ok(())
 }
 
+/// The lock of the socket at `path`: `<path>.lock`, held (flock) while this process lives. Two
+/// subguards starting at once on a stale socket would otherwise both find it unserved, and the
+/// second would remove the first one's new socket. The file stays behind; the lock does not.
+fn lock_socket(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = std::path::PathBuf::from(name);
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(
+            |e| anyhow::anyhow!("listen.grpc unix://{}: {e}: {}", path.display(), lock_path.display()),
+        )?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "listen.grpc unix://{}: another process is serving on this socket (it holds {}); \
+             refusing to take it over",
+            path.display(),
+            lock_path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            anyhow::bail!("listen.grpc unix://{}: cannot lock {}: {e}", path.display(), lock_path.display())
+        }
+    }
+}
+
 /// Makes way for the gRPC socket at `path`: a socket file left by a process that has ended is
 /// removed; one that a live process still serves is refused, never taken over (a second subguard
 /// on the same path, a debugging run inside the container), since whichever stopped first would
@@ -316,12 +342,14 @@ async fn clear_stale_socket(path: &std::path::Path) -> anyhow::Result<()> {
 struct SocketFile {
     path: std::path::PathBuf,
     id: (u64, u64),
+    /// The socket's lock ([`lock_socket`]), released after the file is removed.
+    _lock: std::fs::File,
 }
 
 impl SocketFile {
-    fn bound(path: &std::path::Path) -> Option<SocketFile> {
+    fn bound(path: &std::path::Path, lock: std::fs::File) -> Option<SocketFile> {
         let id = socket_id(path)?;
-        Some(SocketFile { path: path.to_path_buf(), id })
+        Some(SocketFile { path: path.to_path_buf(), id, _lock: lock })
     }
 }
 

@@ -125,6 +125,28 @@ fn file_errors_name_the_file_where_subguard_looked_for_it() {
     }
 }
 
+/// A users file with nothing in it (blank, a comment, a document marker, null) is an error that
+/// says how to write "no users"; two documents are an error addressed to a person, not advice to
+/// call another parser function.
+#[test]
+fn an_empty_or_two_document_users_file_is_explained() {
+    for (users, expected) in [
+        ("", "directory.path: the file is empty (nothing but whitespace, comments, `---` or null): "),
+        ("# exported by sync-users\n", "directory.path: the file is empty"),
+        ("---\n---\n", "directory.path: invalid YAML: line 2 column 4: multiple YAML documents detected"),
+    ] {
+        let dir = ConfigDir::with(GOOD, users);
+        let out = subguard(&["validate", "--config", dir.config_path().to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(1), "{users:?}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.lines().any(|l| l.starts_with(expected)), "{users:?}: {stdout}");
+        assert!(!stdout.contains("from_str_multiple"), "{stdout}");
+    }
+    let out =
+        subguard(&["validate", "--config", ConfigDir::with(GOOD, "{}").config_path().to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "`{{}}` is a file with no users: {}", text(&out));
+}
+
 #[test]
 fn unknown_keys_are_errors() {
     // A typo must not silently weaken security.

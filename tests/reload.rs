@@ -365,7 +365,7 @@ async fn a_users_path_turned_to_a_device_or_a_pipe_is_refused_and_reloads_go_on(
 async fn an_emptied_users_file_is_refused_and_the_users_serving_stay() {
     let sg = Subguard::start(CONFIG, USERS);
     let mut client = sg.client().await;
-    for empty in ["", "\n  \n"] {
+    for empty in ["", "\n  \n", "---\n", "# exported by sync-users\n", "~\n", "null"] {
         let before = reloads_counted(&sg);
         let logged_before = sg.logs().len();
         sg.dir.write_users(empty);

@@ -71,6 +71,7 @@ pub fn yaml_error(e: &impl fmt::Display) -> String {
     let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
     let first = first.strip_prefix("error: ").unwrap_or(first);
     let first = first.split(", set DuplicateKeyPolicy").next().unwrap_or(first);
+    let first = first.split("; use from_str_multiple").next().unwrap_or(first);
     format!("invalid YAML: {first}")
 }
 

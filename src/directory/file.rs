@@ -36,19 +36,21 @@ impl UsersFile {
             let hint = if matches!(e, ReadError::TooLarge(_)) { " (raise `max_file_bytes`)" } else { "" };
             vec![ConfigError::new("", format!("{e}{hint}: {}", path.display()))]
         })?;
+        let parsed = Self::parse(&text);
         // What a failed export, a full disk after `cat > users.yaml`, or a ConfigMap made from a
-        // missing file leaves. Applied, it would deny every user; refused, the version serving
-        // stays. A file that means "no users" says so: `{}`.
-        if text.trim().is_empty() {
+        // missing file leaves: nothing, or only a document marker, a comment, a null. Applied, it
+        // would deny every user; refused, the version serving stays. A file that means "no
+        // users" says so: `{}`.
+        if parsed.as_ref().is_ok_and(|f| f.tenants.is_empty()) && !is_empty_mapping(&text) {
             return Err(vec![ConfigError::new(
                 "",
                 format!(
-                    "the file is empty: {}; write `{{}}` for a directory that has no users",
+                    "the file is empty (nothing but whitespace, comments, `---` or null): {}; write \
+                     `{{}}` for a directory that has no users",
                     path.display()
                 ),
             )]);
         }
-        let parsed = Self::parse(&text);
         if text.len() >= TRIM_AFTER_BYTES {
             drop(text);
             release_freed_memory();
@@ -488,6 +490,18 @@ impl FileDirectory {
     pub fn replace(&self, users: Arc<UsersFile>) {
         self.users.store(users);
     }
+}
+
+/// Whether a users file that read as no tenants wrote an empty mapping (`{}`, `{ }`, after any
+/// byte-order mark, comments and document markers).
+fn is_empty_mapping(text: &str) -> bool {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let kept: String = text
+        .lines()
+        .map(|l| l.split_once(" #").map_or(l, |(before, _)| before).trim())
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && *l != "---" && *l != "...")
+        .collect();
+    kept.chars().filter(|c| !c.is_whitespace()).collect::<String>() == "{}"
 }
 
 #[cfg(test)]
@@ -982,6 +996,16 @@ globex:
         assert_eq!(d.lookup("acme", "Alice"), Lookup::NotFound);
         assert_eq!(d.lookup("acme", " alice"), Lookup::NotFound);
         assert_eq!(d.lookup("nope", "alice"), Lookup::NotFound);
+    }
+
+    #[test]
+    fn only_an_empty_mapping_says_no_users() {
+        for empty in ["{}", "{ }", "---\n{}\n", "# none yet\n{}", "\u{feff}{}", "{}  # none yet"] {
+            assert!(is_empty_mapping(empty), "{empty:?}");
+        }
+        for nothing in ["", "\n \n", "---", "# a comment", "\u{feff}", "~", "null", "---\n...\n"] {
+            assert!(!is_empty_mapping(nothing), "{nothing:?}");
+        }
     }
 
     #[test]

@@ -170,8 +170,9 @@ async fn a_rebuilt_directory_keeps_serving_the_users_its_predecessor_cached() {
 
 #[tokio::test]
 async fn a_version_refused_for_unreachable_keys_is_tried_again_by_itself() {
-    // A new tenant whose IdP is down at the reload: the version is refused (the old one serves),
-    // and once the IdP answers it is applied without anyone touching the files again.
+    // A new tenant whose IdP is down at the reload: the version is refused for that tenant (it
+    // stays out), the rest of it applies, and once the IdP answers the whole version is applied
+    // without anyone touching the files again.
     let jwks = std::fs::read_to_string("tests/fixtures/keys/issuer-b.jwks.json").unwrap();
     let idp = JwksServer::start(&jwks);
     idp.set_status(500);
@@ -192,6 +193,15 @@ async fn a_version_refused_for_unreachable_keys_is_tried_again_by_itself() {
         "the old version serves"
     );
     assert!(ask(&mut client, "acme", &acme("u-1")).await.allowed);
+    // Meanwhile a user is removed from the users file: that applies at once. It used to wait for
+    // globex's identity provider, and the removed user stayed allowed all that time.
+    sg.dir.write_users("acme:\n  - sub: u-2\nglobex:\n  - sub: g-1\n");
+    let out =
+        eventually(&mut client, "acme", &acme("u-1"), WAIT, |o| reason(o) == Some("user_not_found")).await;
+    assert_eq!(reason(&out), Some("user_not_found"), "the removal applied: {out:#?}");
+    assert!(ask(&mut client, "acme", &acme("u-2")).await.allowed);
+    assert_eq!(reason(&ask(&mut client, "globex", &globex("g-1")).await), Some("unknown_tenant"));
+    assert!(!sg.logged("config reload applied except these tenants").is_empty(), "{}", sg.logs().join("\n"));
 
     // Down past the first retry (2 s), so the one that succeeds waits longer (4 s) than the
     // reloader's other timers: those must not keep pushing it back.
@@ -199,7 +209,7 @@ async fn a_version_refused_for_unreachable_keys_is_tried_again_by_itself() {
     idp.set_jwks(&jwks);
     let out = eventually(&mut client, "globex", &globex("g-1"), Duration::from_secs(30), |o| o.allowed).await;
     assert!(out.allowed, "the refused version was applied once its keys could be fetched: {out:#?}");
-    assert_eq!(errors(), 1.0, "refused once, counted once, however many retries");
+    assert_eq!(errors(), 2.0, "each version refused once, counted once, however many retries");
 }
 
 #[tokio::test]

@@ -181,6 +181,9 @@ pub struct Reloader {
     /// fetched (an identity provider down, not a mistake in the files): that version is tried
     /// again by itself, at this delay, doubling up to [`KEY_RETRY_MAX`].
     key_retry: Option<Duration>,
+    /// Set by the last attempt when it applied the version without the tenants whose new issuers'
+    /// keys could not be fetched.
+    partly_applied: bool,
 }
 
 /// The first and the longest wait before a version refused for unreachable keys is tried again.
@@ -213,7 +216,15 @@ impl Reloader {
     pub fn new(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> Reloader {
         let Baseline { files, fingerprint } = baseline;
         let shared_files = Arc::new(Mutex::new(with_targets(&files)));
-        Reloader { state, config_path, files, shared_files, fingerprint, key_retry: None }
+        Reloader {
+            state,
+            config_path,
+            files,
+            shared_files,
+            fingerprint,
+            key_retry: None,
+            partly_applied: false,
+        }
     }
 
     /// The paths the watcher's event filter counts: the watched files and where they resolve.
@@ -269,7 +280,8 @@ impl Reloader {
         }
         let retrying = trigger == KEY_RETRY_TRIGGER;
         let mut keys_only = false;
-        let result = self.load_and_swap(&mut keys_only, (now, stamp)).await;
+        self.partly_applied = false;
+        let result = self.load_and_swap(&mut keys_only, (now, stamp), retrying).await;
         if matches!(&result, Err(e) if e.is_empty()) {
             tracing::info!(
                 trigger,
@@ -297,8 +309,13 @@ impl Reloader {
             Err(errors) => {
                 self.key_retry = keys_only.then_some(KEY_RETRY_MIN);
                 metrics.config_reloaded(false);
+                let refused = if self.partly_applied {
+                    "config reload held back for a tenant; the rest of the version is applied"
+                } else {
+                    "config reload refused; the previous config keeps serving"
+                };
                 for e in errors {
-                    tracing::error!(trigger, error = %e, "config reload refused; the previous config keeps serving");
+                    tracing::error!(trigger, error = %e, "{refused}");
                 }
                 if keys_only {
                     tracing::info!(
@@ -328,6 +345,7 @@ impl Reloader {
         &mut self,
         keys_only: &mut bool,
         read: ([u8; 32], Stamps),
+        retrying: bool,
     ) -> Result<(), Vec<ConfigError>> {
         let path = self.config_path.clone();
         let loaded = tokio::task::spawn_blocking(move || config::load(&path))
@@ -360,16 +378,64 @@ impl Reloader {
             .map_err(|e| vec![ConfigError::new("", e)])?;
         if let Err(errors) = policy.fetch_missing_keys(Some(&old)).await {
             *keys_only = true;
+            // Held back: only the tenants whose new issuers have no keys yet. The rest of the
+            // version (a user removed from the users file, another tenant's change) must not wait
+            // for someone else's identity provider. A retry of the same files applied that part
+            // already (and would only start the token cache afresh).
+            if !retrying
+                && let Some(partial) = self.without_tenants_lacking_keys(&policy, &old, &errors).await
+            {
+                self.swap(partial, &old).await;
+                self.partly_applied = true;
+                self.files = files;
+                self.refresh_targets();
+            }
             return Err(errors);
         }
-        policy.adopt_directory_caches(&old).await;
-        policy.start_key_refresh();
-        policy.forget_metrics_of_what_is_gone(&old);
-        self.state.policy.store(Arc::new(policy));
-        self.state.start_revocation();
+        self.swap(policy, &old).await;
         self.files = files;
         self.refresh_targets();
         Ok(())
+    }
+
+    /// `policy` with the tenants named by `errors` (`tenants.<name>.issuers[i]`: keys that cannot
+    /// be fetched) as they were in `old`, or left out when they are new; `None` when that is not
+    /// possible (an error names no tenant) or its keys cannot be fetched either.
+    async fn without_tenants_lacking_keys(
+        &self,
+        policy: &Policy,
+        old: &Policy,
+        errors: &[ConfigError],
+    ) -> Option<Policy> {
+        let mut held = std::collections::BTreeSet::new();
+        for e in errors {
+            let tenant = e.path.strip_prefix("tenants.")?.split('.').next()?;
+            held.insert(tenant.to_string());
+        }
+        let mut config = (*policy.config).clone();
+        for tenant in &held {
+            match old.config.tenants.get(tenant) {
+                Some(previous) => config.tenants.insert(tenant.clone(), previous.clone()),
+                None => config.tenants.remove(tenant),
+            };
+        }
+        let partial = Policy::build_reusing(config, self.state.metrics.clone(), Some(old)).ok()?;
+        partial.fetch_missing_keys(Some(old)).await.ok()?;
+        tracing::warn!(
+            held_back = ?held,
+            "config reload applied except these tenants, whose new issuers' keys cannot be fetched yet; \
+             they keep their previous settings (or stay out, if new) until the keys can be fetched"
+        );
+        Some(partial)
+    }
+
+    /// Puts `policy` in `old`'s place.
+    async fn swap(&self, policy: Policy, old: &Arc<Policy>) {
+        policy.adopt_directory_caches(old).await;
+        policy.start_key_refresh();
+        policy.forget_metrics_of_what_is_gone(old);
+        self.state.policy.store(Arc::new(policy));
+        self.state.start_revocation();
     }
 }
 

@@ -32,7 +32,10 @@ pub struct ExplainRequest {
 
 impl ExplainRequest {
     /// Builds the request: `--header` values, the token as `Authorization: Bearer`, and `--tenant`
-    /// through the configured tenant header (or as the route's tenant when there is none).
+    /// through the configured tenant header (or as the route's tenant when there is none). A header
+    /// given more than once (by `--header` twice, or by `--header` and `--token` or `--tenant`) is
+    /// joined with commas, as Envoy joins a repeated header before it asks subguard: what `serve`
+    /// would see.
     pub fn build(
         policy: &Policy,
         headers: &[(String, String)],
@@ -41,17 +44,24 @@ impl ExplainRequest {
         host: Option<&str>,
     ) -> ExplainRequest {
         let mut req = ExplainRequest::default();
+        let mut add = |name: String, value: String| {
+            req.headers
+                .entry(name)
+                .and_modify(|joined| {
+                    joined.push(',');
+                    joined.push_str(&value);
+                })
+                .or_insert(value);
+        };
         for (k, v) in headers {
-            req.headers.insert(k.to_ascii_lowercase(), v.clone());
+            add(k.to_ascii_lowercase(), v.clone());
         }
         if let Some(t) = token {
-            req.headers.insert("authorization".into(), format!("Bearer {t}"));
+            add("authorization".into(), format!("Bearer {t}"));
         }
         if let Some(t) = tenant {
             match &policy.tenant_sources.header {
-                Some(h) => {
-                    req.headers.insert(h.clone(), t.to_string());
-                }
+                Some(h) => add(h.clone(), t.to_string()),
                 None => req.route_tenant = Some(t.to_string()),
             }
         }

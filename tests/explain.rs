@@ -202,6 +202,38 @@ async fn allow() {
     assert_eq!(step(&r, "directory")["status"], "pass");
 }
 
+/// A header given twice, by `--header` twice or beside `--token` / `--tenant`, is joined with a
+/// comma as Envoy joins a repeated header: `explain` answers what `serve` would (it used to keep
+/// the last one and allow what `serve` refuses).
+#[tokio::test]
+async fn repeated_headers_are_joined_as_envoy_joins_them() {
+    let sg = shared();
+    let token = acme().build();
+    let bearer: &'static str = Box::leak(format!("Bearer {token}").into_boxed_str());
+    let twice = |headers: Vec<(&'static str, &'static str)>, tenant, token: Option<String>| Input {
+        tenant,
+        headers,
+        token,
+        ..Default::default()
+    };
+    agree(
+        sg,
+        twice(vec![("x-tenant-id", "acme"), ("x-tenant-id", "acme")], None, Some(token.clone())),
+        "missing_tenant",
+    )
+    .await;
+    agree(sg, twice(vec![("x-tenant-id", "acme")], Some("acme"), Some(token.clone())), "missing_tenant")
+        .await;
+    agree(sg, twice(vec![("authorization", bearer)], Some("acme"), Some(token.clone())), "malformed_token")
+        .await;
+    agree(
+        sg,
+        twice(vec![("authorization", bearer), ("authorization", bearer)], Some("acme"), None),
+        "malformed_token",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn missing_tenant() {
     agree(shared(), Input { token: Some(acme().build()), ..Default::default() }, "missing_tenant").await;

@@ -78,7 +78,8 @@ enum Command {
     },
     /// Revoke one token in every sidecar that shares the config's Redis (`revocation:`): stores
     /// its jti until exp (plus the config's leeway) and publishes a `token.revoked` event.
-    /// Exit code 0 done, 1 Redis failed, 2 usage or config error.
+    /// Exit code 0 done (an already expired token included: nothing to revoke), 1 Redis failed, 2
+    /// usage or config error.
     Revoke {
         #[arg(long, env = "SUBGUARD_CONFIG")]
         config: PathBuf,
@@ -324,6 +325,17 @@ fn publish(config: &std::path::Path, event: subguard::revocation::Event) -> Exit
             return ExitCode::from(EXPLAIN_USAGE);
         }
     };
+    // Nothing to do is not a failure: a script revoking in bulk must not take it for Redis down.
+    if let subguard::revocation::Event::TokenRevoked { exp, .. } = &event {
+        let leeway = cfg.token.leeway_seconds;
+        if exp.saturating_add(leeway as i64) <= subguard::server::grpc::unix_now() {
+            println!(
+                "nothing to revoke: the token expired at {exp} (plus {leeway}s leeway); every check already \
+                 refuses it as token_expired"
+            );
+            return ExitCode::SUCCESS;
+        }
+    }
     let runtime = match runtime(&format!(" {name}"), false, ExitCode::FAILURE) {
         Ok(r) => r,
         Err(code) => return code,

@@ -94,6 +94,10 @@ fn rsa_unusable(n: &[u8], e: &[u8]) -> Option<String> {
     None
 }
 
+/// Key fetches over the network in flight at once, across every issuer.
+const MAX_CONCURRENT_FETCHES: usize = 32;
+static FETCH_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_FETCHES);
+
 /// The longest signature any accepted key makes (RSA-8192: 1024 bytes), with room for base64's
 /// length estimate on top.
 const SIGNATURE_BUFFER: usize = MAX_RSA_BITS / 8 + 8;
@@ -687,6 +691,14 @@ impl KeyStore {
     }
 
     async fn fetch(&self) -> Result<Arc<KeySet>, KeyError> {
+        // Network fetches take one of the process's slots: at start every issuer fetches at once,
+        // and two thousand tenants' worth of connections at once ran a pod with the common limit
+        // of 1 024 open files out of descriptors (its probes failed too), and hit the identity
+        // providers all together. The semaphore is never closed, so acquiring cannot fail.
+        let _slot = match &self.source {
+            KeySource::File { .. } => None,
+            _ => FETCH_SLOTS.acquire().await.ok(),
+        };
         let set = match &self.source {
             KeySource::File { path, .. } => {
                 let file = path.clone();

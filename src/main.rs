@@ -188,7 +188,10 @@ fn main() -> ExitCode {
             );
             let at = at.unwrap_or_else(subguard::server::grpc::unix_now);
             let report = runtime.block_on(async {
-                let key_errors = match policy.fetch_missing_keys(None).await {
+                // The keys of the request's tenant only: the others cannot matter to it.
+                let tenant = policy.resolve_tenant(&policy.tenant_candidates(&req)).ok();
+                let wanted = |name: &str| tenant.as_ref().is_some_and(|t| &*t.name == name);
+                let key_errors = match policy.fetch_missing_keys_of(None, wanted).await {
                     Ok(()) => Vec::new(),
                     Err(errors) => errors.iter().map(ToString::to_string).collect(),
                 };

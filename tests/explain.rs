@@ -376,6 +376,24 @@ async fn token_revoked() {
     agree(shared(), Input::acme(acme().sub(REVOKED_SUB).iat_ago(2000).build()), "token_revoked").await;
 }
 
+/// `explain` fetches the keys of the request's tenant only: another tenant's identity provider is
+/// never asked (with two thousand tenants it used to fetch every issuer to explain one token).
+#[tokio::test]
+async fn explain_fetches_the_keys_of_the_requests_tenant_only() {
+    let jwks = std::fs::read_to_string("tests/fixtures/keys/issuer-b.jwks.json").unwrap();
+    let idp = common::jwks_server::JwksServer::start(&jwks);
+    let config =
+        CONFIG.replace("jwks_file: keys/issuer-b.jwks.json", &format!("jwks_uri: \"{}\"", idp.jwks_uri()));
+    let dir = ConfigDir::with(&config, &users_yaml());
+    let (report, code) = explain_json(&dir.config_path(), &Input::acme(acme().build()));
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(idp.jwks_requests(), 0, "globex's keys were fetched to explain an acme token");
+    let globex = Input { tenant: Some("globex"), ..Input::acme(acme().build()) };
+    let (report, _) = explain_json(&dir.config_path(), &globex);
+    assert_eq!(report["decision"]["reason"], "untrusted_issuer", "{report:#}");
+    assert_eq!(idp.jwks_requests(), 1, "globex's own keys are fetched for a globex request");
+}
+
 #[tokio::test]
 async fn keys_unavailable_shows_the_failed_fetch() {
     let down = format!("http://127.0.0.1:{}/jwks", common::free_port());

@@ -265,11 +265,21 @@ impl Policy {
     /// so the new version loses nothing, and one unreachable identity provider must not keep
     /// every other change (a user removed from the users file) from taking effect.
     pub async fn fetch_missing_keys(&self, previous: Option<&Policy>) -> Result<(), Vec<ConfigError>> {
+        self.fetch_missing_keys_of(previous, |_| true).await
+    }
+
+    /// [`Policy::fetch_missing_keys`] for the tenants `wanted` names only (`explain` needs the
+    /// keys of one tenant, not of two thousand).
+    pub async fn fetch_missing_keys_of(
+        &self,
+        previous: Option<&Policy>,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<(), Vec<ConfigError>> {
         let carried_over = |store: &Arc<KeyStore>| {
             previous.is_some_and(|p| p.key_stores().any(|old| Arc::ptr_eq(old, store)))
         };
         let mut fetches = tokio::task::JoinSet::new();
-        for (name, t) in &self.tenants {
+        for (name, t) in self.tenants.iter().filter(|(name, _)| wanted(name)) {
             for (i, issuer) in t.issuers.iter().enumerate() {
                 if !issuer.keys.is_ready() && !carried_over(&issuer.keys) {
                     let store = issuer.keys.clone();

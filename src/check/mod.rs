@@ -379,10 +379,7 @@ impl Policy {
             Ok(t) => t,
             Err(r) => {
                 let mut d = Decision::deny(r);
-                if let Some(pin) = req
-                    .route_tenant()
-                    .filter(|_| found.iter().any(|(s, t)| *s == Source::Route && t.is_none()))
-                {
+                if let Some(pin) = req.route_tenant().filter(|_| tenant::pins_no_tenant(&found)) {
                     d.detail =
                         Some(format!("the route pins tenant {:?}, which is not a tenant name", clip(pin)));
                 }
@@ -824,8 +821,6 @@ fn clip(value: &str) -> std::borrow::Cow<'_, str> {
 
 const CLIP: usize = 128;
 
-/// Key lookup and signature verification, re-fetching the issuer's keys once (rate-limited) when
-/// the token names a key the current set lacks.
 /// A distance in time for a deny detail: whole seconds (`"61s"`), rounded up or down, or "over
 /// 100 years" for the far-off values a claim can hold (1e300 would saturate to i64::MAX).
 fn whole_seconds(seconds: f64, round_up: bool) -> String {
@@ -836,6 +831,8 @@ fn whole_seconds(seconds: f64, round_up: bool) -> String {
     format!("{}s", if round_up { seconds.ceil() } else { seconds.floor() } as i64)
 }
 
+/// Key lookup and signature verification, re-fetching the issuer's keys once (rate-limited) when
+/// the token names a key the current set lacks.
 async fn verify_signature(
     issuer: &Issuer,
     jws: &token::Jws<'_>,

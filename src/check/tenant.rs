@@ -156,6 +156,12 @@ impl<'a> std::ops::Deref for Candidates<'a> {
     }
 }
 
+/// Whether a route pinned a value that is no tenant name (a route's source is only present when
+/// the route pins something).
+pub fn pins_no_tenant(found: &[Candidate<'_>]) -> bool {
+    found.iter().any(|(s, t)| *s == Source::Route && t.is_none())
+}
+
 /// Combines what each source found: all present must name the same tenant.
 ///
 /// A route's pin is set by the operator, not the client: one that is present but no tenant name
@@ -163,7 +169,7 @@ impl<'a> std::ops::Deref for Candidates<'a> {
 /// beside any other source and `missing_tenant` alone, instead of counting as no pin and leaving
 /// the choice to the client's header.
 pub fn resolve<'f>(found: &'f [Candidate<'_>]) -> Result<&'f str, Reason> {
-    let bad_pin = found.iter().any(|(s, t)| *s == Source::Route && t.is_none());
+    let bad_pin = pins_no_tenant(found);
     let mut tenant: Option<&str> = None;
     for (_, t) in found {
         if let Some(t) = t {

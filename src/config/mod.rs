@@ -431,11 +431,10 @@ impl Loader {
         deserialize_at(prefix, value).map_err(|e| self.errors.push(e)).ok()
     }
 
-    /// The file `p` names, relative to the config's folder; `None` (reported at `at`) when `p` is
-    /// empty, which would name the folder itself.
-    /// The file `p` names, resolved against the config's folder; errors about it show that
-    /// resolved path, as the users file's do, so `no such file: keys.json` never sends anyone
-    /// looking in their current folder.
+    /// The file `p` names, resolved against the config's folder; `None` (reported at `at`) when
+    /// `p` is empty, which would name the folder itself. Errors about the file show this resolved
+    /// path, as the users file's do, so `no such file: keys.json` never sends anyone looking in
+    /// their current folder.
     fn file_path(&mut self, at: String, p: &str) -> Option<PathBuf> {
         if p.trim().is_empty() {
             self.err(at, "must name a file, not be empty");
@@ -840,9 +839,7 @@ impl Loader {
             .filter(|(_, t)| t.directory.path == "directory")
             .map(|(n, _)| n.as_str())
             .collect();
-        let Some(shared) = tenants.values().map(|t| &t.directory).find(|d| d.path == "directory") else {
-            return;
-        };
+        let Some(shared) = sharing.first().map(|name| &tenants[*name].directory) else { return };
         let names_tenant = match &shared.kind {
             DirectoryKind::File { .. } => true,
             DirectoryKind::Http { url, .. } => url.names_tenant(),

@@ -181,9 +181,6 @@ pub struct Reloader {
     /// fetched (an identity provider down, not a mistake in the files): that version is tried
     /// again by itself, at this delay, doubling up to [`KEY_RETRY_MAX`].
     key_retry: Option<Duration>,
-    /// Set by the last attempt when it applied the version without the tenants whose new issuers'
-    /// keys could not be fetched.
-    partly_applied: bool,
 }
 
 /// The first and the longest wait before a version refused for unreachable keys is tried again.
@@ -216,15 +213,7 @@ impl Reloader {
     pub fn new(state: Arc<State>, config_path: PathBuf, baseline: Baseline) -> Reloader {
         let Baseline { files, fingerprint } = baseline;
         let shared_files = Arc::new(Mutex::new(with_targets(&files)));
-        Reloader {
-            state,
-            config_path,
-            files,
-            shared_files,
-            fingerprint,
-            key_retry: None,
-            partly_applied: false,
-        }
+        Reloader { state, config_path, files, shared_files, fingerprint, key_retry: None }
     }
 
     /// The paths the watcher's event filter counts: the watched files and where they resolve.
@@ -279,9 +268,8 @@ impl Reloader {
             }
         }
         let retrying = trigger == KEY_RETRY_TRIGGER;
-        let mut keys_only = false;
-        self.partly_applied = false;
-        let result = self.load_and_swap(&mut keys_only, (now, stamp), retrying).await;
+        let (mut keys_only, mut partly_applied) = (false, false);
+        let result = self.load_and_swap(&mut keys_only, &mut partly_applied, (now, stamp), retrying).await;
         if matches!(&result, Err(e) if e.is_empty()) {
             tracing::info!(
                 trigger,
@@ -309,7 +297,7 @@ impl Reloader {
             Err(errors) => {
                 self.key_retry = keys_only.then_some(KEY_RETRY_MIN);
                 metrics.config_reloaded(false);
-                let refused = if self.partly_applied {
+                let refused = if partly_applied {
                     "config reload held back for a tenant; the rest of the version is applied"
                 } else {
                     "config reload refused; the previous config keeps serving"
@@ -339,11 +327,13 @@ impl Reloader {
     }
 
     /// Sets `keys_only` when the version was refused only because new issuers' keys could not be
-    /// fetched. An empty error list: the files no longer match `read`, the fingerprint and stamps
+    /// fetched, and `partly_applied` when the rest of it was applied all the same (not on a
+    /// `retrying` attempt, whose files that part came from already). An empty error list: the files no longer match `read`, the fingerprint and stamps
     /// taken before they were loaded (they changed while being read), and nothing was swapped.
     async fn load_and_swap(
         &mut self,
         keys_only: &mut bool,
+        partly_applied: &mut bool,
         read: ([u8; 32], Stamps),
         retrying: bool,
     ) -> Result<(), Vec<ConfigError>> {
@@ -385,16 +375,12 @@ impl Reloader {
             if !retrying
                 && let Some(partial) = self.without_tenants_lacking_keys(&policy, &old, &errors).await
             {
-                self.swap(partial, &old).await;
-                self.partly_applied = true;
-                self.files = files;
-                self.refresh_targets();
+                self.swap(partial, &old, files).await;
+                *partly_applied = true;
             }
             return Err(errors);
         }
-        self.swap(policy, &old).await;
-        self.files = files;
-        self.refresh_targets();
+        self.swap(policy, &old, files).await;
         Ok(())
     }
 
@@ -429,13 +415,15 @@ impl Reloader {
         Some(partial)
     }
 
-    /// Puts `policy` in `old`'s place.
-    async fn swap(&self, policy: Policy, old: &Arc<Policy>) {
+    /// Puts `policy` in `old`'s place, watching `files`, the files it was read from.
+    async fn swap(&mut self, policy: Policy, old: &Arc<Policy>, files: BTreeSet<PathBuf>) {
         policy.adopt_directory_caches(old).await;
         policy.start_key_refresh();
         policy.forget_metrics_of_what_is_gone(old);
         self.state.policy.store(Arc::new(policy));
         self.state.start_revocation();
+        self.files = files;
+        self.refresh_targets();
     }
 }
 
